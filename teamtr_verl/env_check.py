@@ -54,9 +54,13 @@ def find_problems() -> list[str]:
 def _registration_problems() -> list[str]:
     """verl swallows plugin import errors at DEBUG level; import verl and check that our names really are there."""
     import verl  # noqa: F401  (loads the verl.plugins entry points)
+    from verl.trainer.ppo import core_algos
+
     missing = []
-    if "teamtr_verl.register" not in sys.modules:
-        missing.append("the teamtr_verl.register plugin")
+    if "teamtr" not in core_algos.ADV_ESTIMATOR_REGISTRY:
+        missing.append("advantage estimator 'teamtr'")
+    if "teamtr" not in core_algos.POLICY_LOSS_REGISTRY:
+        missing.append("policy loss 'teamtr'")
     if not missing:
         return []
     try:

@@ -1,13 +1,25 @@
 """The single registration point of teamtr-verl, loaded by verl's ``verl.plugins`` entry point.
 
 verl imports this module on every ``import verl`` -- in the driver, the TaskRunner actor and every Ray worker --
-and swallows any exception it raises at DEBUG level. So this module must stay cheap and must not fail; the tests
-assert after a plain ``import verl`` that every name below is registered, in the driver and in a Ray actor.
+and swallows any exception it raises at DEBUG level. So this module must not fail quietly in ways nobody sees; the
+tests assert after a plain ``import verl`` that every name below is registered, in the driver and in a Ray actor.
 
 Registered here (each only once it exists, never a placeholder):
-  * the ``cpu`` platform for verl (and its CPU patches), active only on a machine without a GPU.
+  * the ``cpu`` platform for verl (and its CPU patches), active only on a machine without a GPU;
+  * advantage estimator ``teamtr``  (``algorithm.adv_estimator=teamtr``);
+  * policy loss ``teamtr``          (``actor_rollout_ref.actor.policy_loss.loss_mode=teamtr``).
 """
 
+from verl.trainer.ppo import core_algos
+
+from teamtr_verl import algos
 from teamtr_verl.cpu import platform as _cpu_platform
 
 _cpu_platform.install()
+
+ADV_ESTIMATOR_NAME = "teamtr"
+POLICY_LOSS_NAME = "teamtr"
+
+# register_adv_est raises if a *different* function already holds the name; re-registering ours is a no-op.
+core_algos.register_adv_est(ADV_ESTIMATOR_NAME)(algos.compute_teamtr_advantage)
+core_algos.register_policy_loss(POLICY_LOSS_NAME)(algos.compute_teamtr_policy_loss)

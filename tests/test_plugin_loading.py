@@ -5,6 +5,13 @@ import json
 import subprocess
 import sys
 
+EXPECTED = {
+    "register_loaded": True,
+    "adv_estimator_is_ours": True,
+    "policy_loss_is_ours": True,
+    "device": "cpu",
+}
+
 PROBE = r"""
 import json, sys
 import verl  # nothing of teamtr_verl is imported explicitly: the verl.plugins entry point must do it
@@ -12,8 +19,11 @@ from verl.trainer.ppo import core_algos
 from verl.utils.device import get_device_name
 
 def probe():
+    import teamtr_verl.algos as algos
     return {
         "register_loaded": "teamtr_verl.register" in sys.modules,
+        "adv_estimator_is_ours": core_algos.get_adv_estimator_fn("teamtr") is algos.compute_teamtr_advantage,
+        "policy_loss_is_ours": core_algos.get_policy_loss_fn("teamtr") is algos.compute_teamtr_policy_loss,
         "device": get_device_name(),
     }
 """
@@ -30,7 +40,7 @@ def _run(code: str, env_extra=None) -> dict:
 
 def test_entry_point_registers_in_a_fresh_interpreter():
     found = _run(PROBE + "print(json.dumps(probe()))")
-    assert found == {"register_loaded": True, "device": "cpu"}
+    assert found == EXPECTED
 
 
 def test_entry_point_registers_inside_a_ray_actor():
@@ -48,7 +58,7 @@ found = ray.get(Probe.remote().run.remote())
 ray.shutdown()
 print(json.dumps(found))
 """
-    assert _run(code) == {"register_loaded": True, "device": "cpu"}
+    assert _run(code) == EXPECTED
 
 
 def test_plugins_policy_none_really_turns_loading_off():
@@ -57,6 +67,7 @@ def test_plugins_policy_none_really_turns_loading_off():
 import json, sys
 import verl
 from verl.trainer.ppo import core_algos
-print(json.dumps({"register_loaded": "teamtr_verl.register" in sys.modules}))
+print(json.dumps({"register_loaded": "teamtr_verl.register" in sys.modules,
+                  "estimator": "teamtr" in core_algos.ADV_ESTIMATOR_REGISTRY}))
 """
-    assert _run(code, {"VERL_USE_EXTERNAL_PLUGINS": "none"}) == {"register_loaded": False}
+    assert _run(code, {"VERL_USE_EXTERNAL_PLUGINS": "none"}) == {"register_loaded": False, "estimator": False}
