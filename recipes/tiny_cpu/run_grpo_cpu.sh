@@ -8,7 +8,7 @@ PY=${PY:-python}
 OUT=${1:-.demo/grpo_tiny_cpu}; shift || true
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-CONFIG_DIR=$("$PY" -c 'import pathlib, teamtr_verl; print(pathlib.Path(teamtr_verl.__file__).parent / "config")')
+CONFIG_DIR=$("$PY" -c 'import pathlib, teamtr_verl; print(pathlib.Path(teamtr_verl.__file__).parent / "configs")')
 [ -f "$OUT/model/config.json" ] || "$PY" -m teamtr_verl.fixtures model "$OUT/model"
 [ -f "$OUT/data/train.parquet" ] || "$PY" -m teamtr_verl.fixtures data "$OUT/data"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled VERL_FILE_LOGGER_PATH="$OUT/metrics.jsonl"

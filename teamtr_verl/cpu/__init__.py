@@ -4,7 +4,7 @@ verl 0.9.1 ships platforms for nvidia/huawei/amd only and falls back to nvidia w
 adds a ``cpu`` platform (``platform.py``) and the handful of patches the CPU path needs (``patches.py``, the one
 place where verl/vLLM internals are patched). Everything here is inert unless :func:`cpu_mode` is true.
 
-Run-time settings that go with it are in ``overrides.py`` (Hydra overrides and environment variables).
+The Hydra settings that go with it are in ``teamtr_verl/configs/cpu_runtime.yaml``.
 """
 
 import os
