@@ -56,11 +56,15 @@ def _registration_problems() -> list[str]:
     import verl  # noqa: F401  (loads the verl.plugins entry points)
     from verl.trainer.ppo import core_algos
 
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+
     missing = []
     if "teamtr" not in core_algos.ADV_ESTIMATOR_REGISTRY:
         missing.append("advantage estimator 'teamtr'")
     if "teamtr" not in core_algos.POLICY_LOSS_REGISTRY:
         missing.append("policy loss 'teamtr'")
+    if "teamtr_handoff" not in _agent_loop_registry:
+        missing.append("agent loop 'teamtr_handoff'")
     if not missing:
         return []
     try:

@@ -7,7 +7,8 @@ tests assert after a plain ``import verl`` that every name below is registered, 
 Registered here (each only once it exists, never a placeholder):
   * the ``cpu`` platform for verl (and its CPU patches), active only on a machine without a GPU;
   * advantage estimator ``teamtr``  (``algorithm.adv_estimator=teamtr``);
-  * policy loss ``teamtr``          (``actor_rollout_ref.actor.policy_loss.loss_mode=teamtr``).
+  * policy loss ``teamtr``          (``actor_rollout_ref.actor.policy_loss.loss_mode=teamtr``);
+  * agent loop ``teamtr_handoff``   (router-based text handoff between the agents of a team).
 """
 
 from verl.trainer.ppo import core_algos
@@ -23,3 +24,6 @@ POLICY_LOSS_NAME = "teamtr"
 # register_adv_est raises if a *different* function already holds the name; re-registering ours is a no-op.
 core_algos.register_adv_est(ADV_ESTIMATOR_NAME)(algos.compute_teamtr_advantage)
 core_algos.register_policy_loss(POLICY_LOSS_NAME)(algos.compute_teamtr_policy_loss)
+
+# Importing the module runs verl's @register("teamtr_handoff") on the agent loop class.
+from teamtr_verl import team as _team  # noqa: E402,F401

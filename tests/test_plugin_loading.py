@@ -9,6 +9,7 @@ EXPECTED = {
     "register_loaded": True,
     "adv_estimator_is_ours": True,
     "policy_loss_is_ours": True,
+    "agent_loop": {"_target_": "teamtr_verl.team.TeamHandoffAgentLoop"},
     "device": "cpu",
 }
 
@@ -17,6 +18,7 @@ import json, sys
 import verl  # nothing of teamtr_verl is imported explicitly: the verl.plugins entry point must do it
 from verl.trainer.ppo import core_algos
 from verl.utils.device import get_device_name
+from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 
 def probe():
     import teamtr_verl.algos as algos
@@ -24,6 +26,7 @@ def probe():
         "register_loaded": "teamtr_verl.register" in sys.modules,
         "adv_estimator_is_ours": core_algos.get_adv_estimator_fn("teamtr") is algos.compute_teamtr_advantage,
         "policy_loss_is_ours": core_algos.get_policy_loss_fn("teamtr") is algos.compute_teamtr_policy_loss,
+        "agent_loop": _agent_loop_registry.get("teamtr_handoff"),
         "device": get_device_name(),
     }
 """

@@ -1,0 +1,435 @@
+"""The ``teamtr:`` block of the Hydra config, as frozen dataclasses, and its validation.
+
+The block is top-level (``teamtr.*``), not under ``algorithm.*``: verl's algorithm dataclass rejects unknown keys.
+Shape (YAML)::
+
+    teamtr:
+      agents:                 # chain order; each agent keyed by a unique name
+        - name: planner       # ^[A-Za-z][A-Za-z0-9_-]*$, used in metric names and checkpoint directories
+          model: /path/to/dir # local directory holding config.json
+          role_prompt: "..."  # this agent's system prompt
+          delta: null         # per-agent KL radius; null -> teamtr.delta
+          beta_init: null     # per-agent initial β; null -> teamtr.beta_init
+          n_devices: 1        # devices of this agent in `split` placement (ignored by `colocate`)
+          actor: {}           # overrides merged into actor_rollout_ref.actor for this agent only
+      router: {kind: chain, turns: null, seed: 0, sequence: null}
+      handoff: {message_format: "{name}: {content}", transcript_header: "Conversation so far:", answer: last}
+      placement: split        # split | colocate
+      delta: 0.01             # default KL radius δ > 0
+      beta_init: 0.1          # default initial β >= 0
+
+:meth:`TeamConfig.from_config` raises :class:`TeamConfigError` on the first problem, with a message that names the
+dotted key, the offending value and what would be valid. The known keys of each level are the fields of its
+dataclass, so adding a field is all it takes to accept a new key. This module imports only the standard library and
+(lazily) omegaconf, so validation runs in the driver before Ray, vLLM or torch are touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = [
+    "TeamConfigError",
+    "AgentSpec",
+    "RouterSpec",
+    "HandoffSpec",
+    "TeamConfig",
+    "ROUTER_KINDS",
+    "PLACEMENTS",
+    "ANSWER_LAST",
+    "MESSAGE_FORMAT_FIELDS",
+    "RESERVED_AGENT_NAMES",
+    "AGENT_NAME_PATTERN",
+    "validate_placement",
+]
+
+ROUTER_KINDS = ("chain", "round_robin", "random", "sequence")
+PLACEMENTS = ("split", "colocate")
+# Placeholders a handoff.message_format may use (see team_logic.format_transcript).
+MESSAGE_FORMAT_FIELDS = ("name", "content", "turn")
+ANSWER_LAST = "last"
+# `stage` would collide with the metric namespace teamtr/stage/...; `last` with handoff.answer's keyword.
+RESERVED_AGENT_NAMES = ("stage", ANSWER_LAST)
+AGENT_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+_AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
+
+
+class TeamConfigError(ValueError):
+    """A bad ``teamtr`` block; the message names the dotted key, the value and what is valid."""
+
+
+# ------------------------------------------------------------------------------------------------ dataclasses
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One agent of the team. ``delta``/``beta_init`` of None mean "use the team default" (see TeamConfig)."""
+
+    name: str
+    model: str
+    role_prompt: str = ""
+    delta: Optional[float] = None
+    beta_init: Optional[float] = None
+    n_devices: int = 1
+    # A plain nested dict, owned by this agent alone (never aliased with another agent's); excluded from the hash.
+    actor: dict = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """Who speaks at each turn of an episode (see team_logic.router_schedule)."""
+
+    kind: str = "chain"
+    turns: Optional[int] = None
+    seed: int = 0
+    sequence: Optional[tuple[str, ...]] = None
+
+
+@dataclass(frozen=True)
+class HandoffSpec:
+    """How earlier messages are shown to the next speaker, and which message the reward scores."""
+
+    message_format: str = "{name}: {content}"
+    transcript_header: str = "Conversation so far:"
+    answer: str = ANSWER_LAST
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    agents: tuple[AgentSpec, ...]
+    router: RouterSpec = RouterSpec()
+    handoff: HandoffSpec = HandoffSpec()
+    placement: str = "split"
+    delta: float = 0.01
+    beta_init: float = 0.1
+
+    @property
+    def agent_names(self) -> tuple[str, ...]:
+        return tuple(agent.name for agent in self.agents)
+
+    def agent(self, name: str) -> AgentSpec:
+        for agent in self.agents:
+            if agent.name == name:
+                return agent
+        raise KeyError(f"no agent named {name!r}: agents are {list(self.agent_names)}")
+
+    def delta_of(self, name: str) -> float:
+        """Agent ``name``'s KL radius δ: its own ``delta`` or the team default."""
+        own = self.agent(name).delta
+        return self.delta if own is None else own
+
+    def beta_init_of(self, name: str) -> float:
+        """Agent ``name``'s initial KL coefficient β: its own ``beta_init`` or the team default."""
+        own = self.agent(name).beta_init
+        return self.beta_init if own is None else own
+
+    @classmethod
+    def from_config(cls, block: Any, *, prefix: str = "teamtr", check_paths: bool = True) -> "TeamConfig":
+        """Build and validate a TeamConfig from the ``teamtr`` block (an OmegaConf DictConfig or a plain dict).
+
+        ``prefix`` is the dotted path of the block, used in error messages. ``check_paths`` checks that every
+        agent's model directory exists and holds a config.json (turn it off to validate on another machine).
+        Raises :class:`TeamConfigError` on the first problem.
+        """
+        return _parse_team(_to_plain(block, prefix), prefix, check_paths)
+
+
+def validate_placement(
+    team: TeamConfig,
+    n_devices_available: int,
+    *,
+    prefix: str = "teamtr",
+    available_from: str = "trainer.n_gpus_per_node * trainer.nnodes",
+) -> None:
+    """Raise if ``split`` placement asks for more devices than the cluster has.
+
+    In ``split`` each agent gets its own ``n_devices`` slice, so their sum must fit. ``colocate`` time-shares all
+    devices between the agents and ignores ``n_devices``. ``available_from`` names where the count came from.
+    """
+    if team.placement != "split":
+        return
+    needed = sum(agent.n_devices for agent in team.agents)
+    if needed > n_devices_available:
+        per_agent = ", ".join(f"{agent.name}: {agent.n_devices}" for agent in team.agents)
+        raise TeamConfigError(
+            f"{prefix}.placement='split' needs {needed} devices ({per_agent}) "
+            f"but {available_from} = {n_devices_available}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def _to_plain(block: Any, prefix: str) -> Any:
+    """An OmegaConf node as plain Python containers (resolved); anything else is returned as is."""
+    if block is None:
+        raise TeamConfigError(f"{prefix} is missing: the config needs a {prefix} block with at least `agents`")
+    if not (type(block).__module__ or "").startswith("omegaconf"):
+        return block
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(block, resolve=True)
+    missing = _first_missing(plain, prefix)
+    if missing is not None:
+        raise TeamConfigError(f"{missing} is ??? (mandatory): set it, e.g. as a Hydra override {missing}=...")
+    return plain
+
+
+def _first_missing(value: Any, key: str) -> Optional[str]:
+    """The dotted key of the first OmegaConf ``???`` (mandatory, unset) value, in document order."""
+    if value == "???":
+        return key
+    if isinstance(value, dict):
+        children = ((f"{key}.{name}", child) for name, child in value.items())
+    elif isinstance(value, list):
+        children = ((f"{key}[{index}]", child) for index, child in enumerate(value))
+    else:
+        return None
+    for child_key, child in children:
+        found = _first_missing(child, child_key)
+        if found is not None:
+            return found
+    return None
+
+
+def _fail(key: str, value: Any, why: str) -> TeamConfigError:
+    return TeamConfigError(f"{key}={value!r} {why}")
+
+
+def _known_keys(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _mapping(value: Any, key: str, *, allow_none: bool = False) -> dict:
+    if value is None and allow_none:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(key, value, "must be a mapping")
+    return dict(value)
+
+
+def _reject_unknown_keys(entry: Mapping, cls, key: str) -> None:
+    known = _known_keys(cls)
+    for name in entry:
+        if name not in known:
+            raise TeamConfigError(f"{key}.{name} is not a known key: known keys are {', '.join(known)}")
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass; `delta: true` is a typo, not 1.0.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(value: Any, key: str) -> float:
+    if not _is_number(value) or not math.isfinite(value):
+        raise _fail(key, value, "must be a finite number > 0")
+    if value <= 0:
+        raise _fail(key, value, "must be > 0")
+    return float(value)
+
+
+def _non_negative(value: Any, key: str) -> float:
+    if not _is_number(value) or not math.isfinite(value):
+        raise _fail(key, value, "must be a finite number >= 0")
+    if value < 0:
+        raise _fail(key, value, "must be >= 0")
+    return float(value)
+
+
+def _integer(value: Any, key: str, *, minimum: Optional[int] = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(key, value, "must be an integer" + (f" >= {minimum}" if minimum is not None else ""))
+    if minimum is not None and value < minimum:
+        raise _fail(key, value, f"must be >= {minimum}")
+    return value
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, value, "must be a string")
+    return value
+
+
+def _parse_team(block: Any, prefix: str, check_paths: bool) -> TeamConfig:
+    block = _mapping(block, prefix)
+    _reject_unknown_keys(block, TeamConfig, prefix)
+
+    agents = _parse_agents(block.get("agents"), f"{prefix}.agents", check_paths)
+    names = [agent.name for agent in agents]
+    router = _parse_router(block.get("router"), f"{prefix}.router", names)
+    handoff = _parse_handoff(block.get("handoff"), f"{prefix}.handoff", names, router)
+
+    placement = block.get("placement", TeamConfig.placement)
+    if placement not in PLACEMENTS:
+        raise _fail(f"{prefix}.placement", placement, f"is not valid: choose one of {', '.join(PLACEMENTS)}")
+    delta = _positive(block.get("delta", TeamConfig.delta), f"{prefix}.delta")
+    beta_init = _non_negative(block.get("beta_init", TeamConfig.beta_init), f"{prefix}.beta_init")
+    return TeamConfig(
+        agents=tuple(agents), router=router, handoff=handoff, placement=placement, delta=delta, beta_init=beta_init
+    )
+
+
+def _parse_agents(entries: Any, key: str, check_paths: bool) -> list[AgentSpec]:
+    if entries is None or (isinstance(entries, Sequence) and not isinstance(entries, str) and len(entries) == 0):
+        raise _fail(key, entries, "is empty: list at least one agent, e.g. [{name: solver, model: /path/to/model}]")
+    if isinstance(entries, (str, Mapping)) or not isinstance(entries, Sequence):
+        raise _fail(key, entries, "must be a list of agents, e.g. [{name: solver, model: /path/to/model}]")
+    agents: list[AgentSpec] = []
+    for index, entry in enumerate(entries):
+        agents.append(_parse_agent(entry, f"{key}[{index}]", check_paths))
+        names = [agent.name for agent in agents]
+        if names.count(names[-1]) > 1:
+            all_names = [entry.get("name") if isinstance(entry, Mapping) else None for entry in entries]
+            raise _fail(
+                f"{key}[{index}].name", names[-1], f"is a duplicate: agent names must be unique (got {all_names})"
+            )
+    return agents
+
+
+def _parse_agent(entry: Any, key: str, check_paths: bool) -> AgentSpec:
+    entry = _mapping(entry, key)
+    _reject_unknown_keys(entry, AgentSpec, key)
+
+    if "name" not in entry:
+        raise TeamConfigError(f"{key}.name is missing: every agent needs a unique name")
+    name = entry["name"]
+    if not isinstance(name, str) or not _AGENT_NAME_RE.match(name):
+        rule = f"use a letter then letters, digits, _ or - ({AGENT_NAME_PATTERN})"
+        raise _fail(f"{key}.name", name, f"is not a valid agent name: {rule}")
+    if name in RESERVED_AGENT_NAMES:
+        reserved = ", ".join(RESERVED_AGENT_NAMES)
+        raise _fail(f"{key}.name", name, f"is reserved: agent names may not be any of {reserved}")
+
+    if "model" not in entry or entry["model"] is None:
+        raise TeamConfigError(f"{key}.model is missing: every agent needs a local model directory")
+    model = _string(entry["model"], f"{key}.model")
+    if not model:
+        raise _fail(f"{key}.model", model, "is empty: give a local model directory")
+    if check_paths:
+        _check_model_dir(model, f"{key}.model")
+
+    role_prompt = entry.get("role_prompt")
+    role_prompt = "" if role_prompt is None else _string(role_prompt, f"{key}.role_prompt")
+    delta = entry.get("delta")
+    beta_init = entry.get("beta_init")
+    return AgentSpec(
+        name=name,
+        model=model,
+        role_prompt=role_prompt,
+        delta=None if delta is None else _positive(delta, f"{key}.delta"),
+        beta_init=None if beta_init is None else _non_negative(beta_init, f"{key}.beta_init"),
+        n_devices=_integer(entry.get("n_devices", AgentSpec.n_devices), f"{key}.n_devices", minimum=1),
+        # A deep copy: one agent's overrides must never alias another's (or the caller's) dict.
+        actor=copy.deepcopy(_mapping(entry.get("actor"), f"{key}.actor", allow_none=True)),
+    )
+
+
+def _check_model_dir(model: str, key: str) -> None:
+    if not os.path.exists(model):
+        raise _fail(key, model, "does not exist: give a local model directory holding config.json")
+    if not os.path.isdir(model):
+        raise _fail(key, model, "is not a directory: give a local model directory holding config.json")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise _fail(key, model, "holds no config.json: give a Hugging Face model directory")
+
+
+def _parse_router(entry: Any, key: str, names: list[str]) -> RouterSpec:
+    entry = _mapping(entry, key, allow_none=True)
+    _reject_unknown_keys(entry, RouterSpec, key)
+
+    kind = entry.get("kind", RouterSpec.kind)
+    if kind not in ROUTER_KINDS:
+        raise _fail(f"{key}.kind", kind, f"is not valid: choose one of {', '.join(ROUTER_KINDS)}")
+    turns = entry.get("turns")
+    seed = _integer(entry.get("seed", RouterSpec.seed), f"{key}.seed")
+    sequence = entry.get("sequence")
+
+    if kind in ("round_robin", "random"):
+        if turns is None:
+            raise TeamConfigError(f"{key}.turns is missing: {key}.kind={kind!r} needs the number of turns (>= 1)")
+        turns = _integer(turns, f"{key}.turns", minimum=1)
+    elif turns is not None:
+        what = "the number of agents" if kind == "chain" else "the length of the sequence"
+        raise _fail(f"{key}.turns", turns, f"must be null with {key}.kind={kind!r}: it always runs {what}")
+
+    if kind == "sequence":
+        sequence = _parse_sequence(sequence, f"{key}.sequence", names)
+    elif sequence is not None:
+        raise _fail(f"{key}.sequence", sequence, f"must be null unless {key}.kind='sequence' (it is {kind!r})")
+
+    # An agent that never speaks has no tokens to train on: its update would be a silent no-op.
+    if kind == "round_robin" and turns < len(names):
+        raise _fail(
+            f"{key}.turns",
+            turns,
+            f"gives no turn to {names[turns]!r}: round_robin needs turns >= {len(names)} (the number of agents)",
+        )
+    if kind == "sequence":
+        for name in names:
+            if name not in sequence:
+                raise _fail(
+                    f"{key}.sequence",
+                    list(sequence),
+                    f"never schedules {name!r}: every agent must speak at least once, or it has nothing to train on",
+                )
+    return RouterSpec(kind=kind, turns=turns, seed=seed, sequence=sequence)
+
+
+def _parse_sequence(sequence: Any, key: str, names: list[str]) -> tuple[str, ...]:
+    if sequence is None or isinstance(sequence, (str, Mapping)) or not isinstance(sequence, Sequence):
+        raise _fail(key, sequence, "must be a list of agent names, e.g. [planner, solver, planner]")
+    if len(sequence) == 0:
+        raise _fail(key, sequence, "is empty: list the speakers of an episode, e.g. [planner, solver, planner]")
+    for index, name in enumerate(sequence):
+        if name not in names:
+            raise _fail(f"{key}[{index}]", name, f"names no agent: agents are {names}")
+    return tuple(sequence)
+
+
+def _parse_handoff(entry: Any, key: str, names: list[str], router: RouterSpec) -> HandoffSpec:
+    entry = _mapping(entry, key, allow_none=True)
+    _reject_unknown_keys(entry, HandoffSpec, key)
+
+    message_format = _string(entry.get("message_format", HandoffSpec.message_format), f"{key}.message_format")
+    _check_message_format(message_format, f"{key}.message_format")
+    header = entry.get("transcript_header", HandoffSpec.transcript_header)
+    header = "" if header is None else _string(header, f"{key}.transcript_header")
+
+    # chain, round_robin and sequence give every agent a turn (checked in _parse_router); random may not.
+    answer = entry.get("answer", HandoffSpec.answer)
+    if answer != ANSWER_LAST:
+        if answer not in names:
+            raise _fail(f"{key}.answer", answer, f"names no agent: use {ANSWER_LAST!r} or one of {names}")
+        if router.kind == "random":
+            raise _fail(
+                f"{key}.answer",
+                answer,
+                f"cannot be used with a random router: an episode may give {answer!r} no turn; use {ANSWER_LAST!r}",
+            )
+    return HandoffSpec(message_format=message_format, transcript_header=header, answer=answer)
+
+
+def _check_message_format(message_format: str, key: str) -> None:
+    valid = ", ".join("{" + name + "}" for name in MESSAGE_FORMAT_FIELDS)
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(message_format) if name is not None]
+    except ValueError as error:  # unbalanced braces
+        why = f"is not a valid format string ({error}); write a literal brace as {{{{ or }}}}"
+        raise _fail(key, message_format, why)
+    for name in fields:
+        if name not in MESSAGE_FORMAT_FIELDS:
+            raise _fail(key, message_format, f"uses the unknown placeholder {{{name}}}: valid placeholders are {valid}")
+    if "content" not in fields:
+        raise _fail(key, message_format, "never shows {content}: earlier messages would be hidden from later speakers")
+    try:  # a bad conversion or format spec, e.g. {turn:q}
+        message_format.format(name="agent", content="text", turn=0)
+    except (ValueError, TypeError) as error:
+        raise _fail(key, message_format, f"cannot be formatted ({error}); valid placeholders are {valid}")

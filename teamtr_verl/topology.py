@@ -1,0 +1,215 @@
+"""One actor/rollout worker group, one vLLM replica set and one weight-sync manager per agent, in one Ray cluster.
+
+Stock verl 0.9.1 builds exactly one of each (``PPOTrainer._setup``). A team needs one per agent, keyed by the agent's
+name, and two verl internals collide when that is done naively:
+
+* vLLM server actors are named ``vllm_server_{replica_rank}_{node_rank}`` and every worker group starts at replica
+  rank 0, so the second agent's servers cannot be created ("name ... is already taken");
+* verl's ``name_suffix`` (used by its teacher models) fixes the name but not the worker-side lookup: the actor's
+  ``ServerAdapter`` still resolves ``vllm_server_{replica_rank}_...`` without the suffix, so a weight sync fails --
+  or, for an agent whose replica rank happens to match another agent's, silently goes into the wrong server.
+
+The fix (research/two_agent_topology.md): give each agent a disjoint range of *global* replica ranks, on both sides:
+the server manager launches agent k's replicas at ``start_rank = offset_k``, and agent k's workers shift their
+``ServerAdapter.replica_rank`` (and the ZMQ weight socket named after it) by the same offset.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from teamtr_verl.config import AgentSpec, TeamConfig
+
+logger = logging.getLogger(__name__)
+
+
+def agent_trainer_config(base: DictConfig, agent: AgentSpec) -> DictConfig:
+    """The whole trainer config as agent ``agent`` sees it: its own model path, its actor overrides merged in.
+
+    Every other key (rollout settings, data, reward) is the team's; the base config is left untouched.
+    """
+    config = copy.deepcopy(base)
+    with open_dict(config):
+        config.actor_rollout_ref.model.path = agent.model
+        if agent.actor:
+            config.actor_rollout_ref.actor = OmegaConf.merge(config.actor_rollout_ref.actor, dict(agent.actor))
+    return config
+
+
+def replicas_per_agent(config: DictConfig, n_devices: int) -> int:
+    """How many vLLM replicas ``n_devices`` devices of one agent hold (tensor x data x pipeline parallel each)."""
+    rollout = config.actor_rollout_ref.rollout
+    per_replica = rollout.tensor_model_parallel_size * rollout.data_parallel_size * rollout.pipeline_model_parallel_size
+    return n_devices // per_replica
+
+
+def replica_rank_offsets(config: DictConfig, team: TeamConfig) -> dict[str, int]:
+    """First global replica rank of each agent: the replica counts of the agents before it, in team order."""
+    offsets, next_rank = {}, 0
+    for agent in team.agents:
+        offsets[agent.name] = next_rank
+        next_rank += replicas_per_agent(config, agent_devices(config, team, agent))
+    return offsets
+
+
+def agent_devices(config: DictConfig, team: TeamConfig, agent: AgentSpec) -> int:
+    """Devices an agent's workers span: its own share in ``split``, every device in ``colocate``."""
+    if team.placement == "split":
+        return agent.n_devices
+    return config.trainer.n_gpus_per_node * config.trainer.nnodes
+
+
+def expected_server_names(config: DictConfig, team: TeamConfig) -> dict[str, list[str]]:
+    """The Ray actor names of each agent's vLLM servers (single-node replicas), for the post-set-up check."""
+    offsets = replica_rank_offsets(config, team)
+    return {
+        agent.name: [
+            f"vllm_server_{offsets[agent.name] + r}_0"
+            for r in range(replicas_per_agent(config, agent_devices(config, team, agent)))
+        ]
+        for agent in team.agents
+    }
+
+
+@dataclass
+class AgentStack:
+    """Everything that serves and trains one agent."""
+
+    name: str
+    config: DictConfig  # the whole trainer config as this agent sees it (agent_trainer_config)
+    worker_group: object  # RayWorkerGroup of TeamActorRolloutRefWorker
+    server_manager: object  # AgentLLMServerManager
+    checkpoint_manager: object  # CheckpointEngineManager: pushes this agent's actor weights into its own replicas
+    replica_rank_offset: int
+
+    def client(self):
+        """An ``LLMServerClient`` whose load balancer knows only this agent's servers."""
+        return self.server_manager.get_client()
+
+
+def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_rollout") -> dict[str, AgentStack]:
+    """Create every agent's worker group, vLLM replicas and checkpoint-engine manager, in team order.
+
+    Needs a running Ray cluster with enough logical devices (the caller validated placement). ``role`` is the
+    worker role verl would use: ``actor_rollout``, or ``actor_rollout_ref`` when a reference model is needed.
+    """
+    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+    from verl.single_controller.ray.base import create_colocated_worker_cls, split_resource_pool
+    from verl.utils.config import omega_conf_to_dataclass
+    from verl.checkpoint_engine import CheckpointEngineManager
+
+    from teamtr_verl.workers import AgentLLMServerManager, TeamActorRolloutRefWorker
+
+    import ray
+
+    n_total = config.trainer.n_gpus_per_node * config.trainer.nnodes
+    # Each bundle hosts one worker per agent in `colocate`: allow that many co-located processes per device.
+    global_pool = RayResourcePool(
+        [config.trainer.n_gpus_per_node] * config.trainer.nnodes,
+        use_gpu=True,
+        name_prefix="teamtr_",
+        max_colocate_count=max(3, len(team.agents) + 1),
+    )
+    if team.placement == "split":
+        pools = dict(zip(team.agent_names, split_resource_pool(global_pool, [a.n_devices for a in team.agents])))
+    else:
+        pools = {name: global_pool for name in team.agent_names}
+    logger.info("teamtr: %s placement over %d devices", team.placement, n_total)
+
+    offsets = replica_rank_offsets(config, team)
+    remote_worker = ray.remote(TeamActorRolloutRefWorker)
+    stacks: dict[str, AgentStack] = {}
+    for agent in team.agents:
+        agent_config = agent_trainer_config(config, agent)
+        worker_cls = RayClassWithInitArgs(
+            cls=remote_worker, config=agent_config.actor_rollout_ref, distillation_config=None, role=role
+        )
+        worker_group = RayWorkerGroup(
+            resource_pool=pools[agent.name],
+            ray_cls_with_init=create_colocated_worker_cls(class_dict={role: worker_cls}),
+            device_name=config.trainer.device,
+            name_prefix=f"teamtr_{agent.name}_",
+        ).spawn(prefix_set={role})[role]
+        worker_group.init_model()
+        offset = offsets[agent.name]
+        # Before the first sync: the ServerAdapter looks its server up by this rank, lazily.
+        worker_group.set_replica_rank_offset(offset)
+        server_manager = AgentLLMServerManager.create(
+            config=agent_config, worker_group=worker_group, rollout_resource_pool=pools[agent.name], rank_offset=offset
+        )
+        engine_config = omega_conf_to_dataclass(agent_config.actor_rollout_ref.rollout.checkpoint_engine)
+        engine_config.backend = "naive"  # colocated actor and rollout, as verl's v1 trainer forces
+        checkpoint_manager = CheckpointEngineManager(
+            config=engine_config, actor_wg=worker_group, replicas=server_manager.get_replicas()
+        )
+        stacks[agent.name] = AgentStack(agent.name, agent_config, worker_group, server_manager, checkpoint_manager, offset)
+    check_server_names(config, team)
+    return stacks
+
+
+def check_server_names(config: DictConfig, team: TeamConfig) -> None:
+    """After set-up: each agent's servers exist under the names its workers will look up, and no others."""
+    import ray
+
+    expected = expected_server_names(config, team)
+    live = {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if isinstance(actor, dict) and actor.get("name", "").startswith("vllm_server_")}
+    wanted = {name for names in expected.values() for name in names}
+    if live != wanted:
+        raise RuntimeError(f"teamtr: vLLM server actors {sorted(live)} differ from the expected {expected}")
+
+
+def sync_agent_weights(stacks: dict[str, AgentStack], name: str, global_steps: Optional[int] = None) -> None:
+    """Push agent ``name``'s actor weights into agent ``name``'s replicas, and only those."""
+    stacks[name].checkpoint_manager.update_weights(global_steps)
+
+
+async def _greedy_probe(stack: AgentStack, prompt_ids: list[list[int]], max_tokens: int):
+    """Greedy tokens and log-probs of one agent's servers on fixed prompts (deterministic on a fixed model)."""
+    import asyncio
+    from uuid import uuid4
+
+    client = stack.client()
+    params = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "logprobs": True, "max_tokens": max_tokens}
+    outputs = await asyncio.gather(
+        *[client.generate(uuid4().hex, prompt_ids=ids, sampling_params=dict(params)) for ids in prompt_ids]
+    )
+    return [(list(o.token_ids), list(o.log_probs or [])) for o in outputs]
+
+
+def check_sync_isolation(stacks: dict[str, AgentStack], probe_prompt_ids: dict[str, list[list[int]]],
+                         moved_agent: str, max_tokens: int = 8, scale: float = 0.05) -> dict[str, bool]:
+    """Prove that a weight sync reaches exactly one agent's servers, then put everything back.
+
+    Perturbs ``moved_agent``'s actor weights and syncs them. Returns, per agent, whether its greedy probe outputs
+    changed: True for the moved agent (the sync arrived), False for every other (bit-identical tokens and
+    log-probs). Finally restores and re-syncs the moved agent and checks its outputs are back as before.
+    """
+    import asyncio
+
+    async def probe_all():
+        names = list(stacks)
+        results = await asyncio.gather(*[_greedy_probe(stacks[n], probe_prompt_ids[n], max_tokens) for n in names])
+        return dict(zip(names, results))
+
+    # Baseline after a sync of the unchanged actor: servers loaded from disk can differ in the last bits from
+    # weights pushed by the actor (verl's trainer, too, syncs once at start-up before the first rollout).
+    sync_agent_weights(stacks, moved_agent)
+    before = asyncio.run(probe_all())
+    workers = stacks[moved_agent].worker_group
+    workers.snapshot_actor_weights()
+    workers.perturb_actor_weights(scale, 0)
+    sync_agent_weights(stacks, moved_agent)
+    after = asyncio.run(probe_all())
+    workers.restore_actor_weights()
+    sync_agent_weights(stacks, moved_agent)
+    restored = asyncio.run(probe_all())
+    if restored != before:
+        raise RuntimeError(f"teamtr: restoring {moved_agent!r}'s weights did not restore its servers' outputs")
+    return {name: after[name] != before[name] for name in stacks}

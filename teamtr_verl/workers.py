@@ -1,0 +1,101 @@
+"""Small subclasses of verl 0.9.1 worker/server classes that let several agents share one Ray cluster.
+
+Why each exists is explained in :mod:`teamtr_verl.topology`: every agent gets a disjoint range of global vLLM
+replica ranks, and both the server side (replicas, their Ray actor names) and the worker side (the actor's
+``ServerAdapter`` that finds its server by name, and the ZMQ weight socket) must agree on it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from verl.single_controller.base.decorator import Dispatch, register
+from verl.workers.engine_workers import ActorRolloutRefWorker
+from verl.workers.rollout.llm_server import LLMServerManager
+from verl.workers.rollout.replica import RolloutMode
+from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMReplica
+
+
+class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
+    """verl's actor/rollout/ref worker, plus the replica-rank offset of its agent."""
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def set_replica_rank_offset(self, offset: int) -> int:
+        """Shift this rank's ServerAdapter to global replica rank ``rank + offset``; returns the new rank.
+
+        The adapter resolves its server as ``vllm_server_{replica_rank}_{node}`` on first use and names its weight
+        socket after the same rank, so both move; the cached server handle is dropped to force the new lookup.
+        """
+        adapter = self.rollout
+        old_rank = adapter.replica_rank
+        new_rank = old_rank + offset
+        if offset:
+            adapter.replica_rank = new_rank
+            adapter.zmq_handle = adapter.zmq_handle.replace(f"-replica-{old_rank}-", f"-replica-{new_rank}-")
+            adapter.server_handle = None
+        return new_rank
+
+
+    # -- the actor's weights, rank-locally (each FSDP rank keeps its own shard) -------------------------------------
+    def _local_actor_tensors(self):
+        for name, parameter in self.actor.engine.module.named_parameters():
+            yield name, parameter.to_local() if hasattr(parameter, "to_local") else parameter.data
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def snapshot_actor_weights(self) -> int:
+        """Keep a CPU copy of this rank's actor weights (the pre-update policy, for backtracking); returns #elements."""
+        self._teamtr_snapshot = {name: t.detach().to("cpu", copy=True) for name, t in self._local_actor_tensors()}
+        return sum(t.numel() for t in self._teamtr_snapshot.values())
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def restore_actor_weights(self) -> int:
+        """Copy the last snapshot back into the actor's weights, in place; returns #elements restored."""
+        snapshot = getattr(self, "_teamtr_snapshot", None)
+        if snapshot is None:
+            raise RuntimeError("restore_actor_weights called before snapshot_actor_weights")
+        restored = 0
+        with torch.no_grad():
+            for name, tensor in self._local_actor_tensors():
+                tensor.copy_(snapshot[name].to(tensor.device, tensor.dtype))
+                restored += tensor.numel()
+        return restored
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def perturb_actor_weights(self, scale: float, seed: int) -> int:
+        """Add N(0, scale²) noise to the actor's weights: the sync-isolation self-test moves one agent with it."""
+        generator = torch.Generator().manual_seed(seed + self.rank)
+        perturbed = 0
+        with torch.no_grad():
+            for _, tensor in self._local_actor_tensors():
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * scale
+                tensor.add_(noise.to(tensor.device, tensor.dtype))
+                perturbed += tensor.numel()
+        return perturbed
+
+
+class OffsetVLLMReplica(vLLMReplica):
+    """A vLLM replica with a global ``replica_rank`` of ``offset + local rank`` that still takes its workers from its
+    own agent's worker group (stock ``init_hybrid`` slices the group by the global rank, which would be empty)."""
+
+    def __init__(self, *args, rank_offset: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rank_offset = rank_offset
+
+    async def init_hybrid(self, worker_group):
+        self.rollout_mode = RolloutMode.HYBRID
+        local_rank = self.replica_rank - self.rank_offset
+        self.workers = worker_group.workers[self.world_size * local_rank : self.world_size * (local_rank + 1)]
+        await self.launch_servers()
+
+
+class AgentLLMServerManager(LLMServerManager):
+    """verl's server manager for one agent: replicas start at global rank ``rank_offset``.
+
+    Uses verl's own hook for recipes: ``rollout_replica_class`` set before ``LLMServerManager.__init__``.
+    """
+
+    def __init__(self, *args, rank_offset: int = 0, **kwargs):
+        self.rollout_replica_class = functools.partial(OffsetVLLMReplica, rank_offset=rank_offset)
+        super().__init__(*args, start_rank=rank_offset, **kwargs)

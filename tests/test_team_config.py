@@ -1,0 +1,413 @@
+"""The ``teamtr:`` config block (teamtr_verl.config): parsing, defaults, per-agent resolution, and every error.
+
+Each error test asserts that the message names the dotted key and the offending value, as verl's config tests do.
+Model directories are fakes under ``tmp_path`` holding only a config.json, which is all validation looks at.
+"""
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from teamtr_verl.config import (
+    AgentSpec,
+    HandoffSpec,
+    RouterSpec,
+    TeamConfig,
+    TeamConfigError,
+    validate_placement,
+)
+
+
+@pytest.fixture
+def models(tmp_path):
+    """Three fake model directories: planner, solver, critic -> path."""
+    paths = {}
+    for name in ("planner", "solver", "critic"):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text("{}")
+        paths[name] = str(directory)
+    return paths
+
+
+def _block(models, *names, **top):
+    block = {"agents": [{"name": name, "model": models[name]} for name in (names or ("planner", "solver"))]}
+    block.update(top)
+    return block
+
+
+def _error(block, **kw):
+    with pytest.raises(TeamConfigError) as info:
+        TeamConfig.from_config(block, **kw)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ good configs
+
+
+def test_minimal_block_gets_the_documented_defaults(models):
+    team = TeamConfig.from_config(_block(models))
+    assert team.agent_names == ("planner", "solver")
+    assert team.agents == (
+        AgentSpec(name="planner", model=models["planner"]),
+        AgentSpec(name="solver", model=models["solver"]),
+    )
+    assert team.router == RouterSpec(kind="chain", turns=None, seed=0, sequence=None)
+    assert team.handoff == HandoffSpec("{name}: {content}", "Conversation so far:", "last")
+    assert (team.placement, team.delta, team.beta_init) == ("split", 0.01, 0.1)
+    assert team.agent("solver").n_devices == 1 and team.agent("solver").actor == {}
+
+
+def test_full_block_from_omegaconf(models):
+    yaml = f"""
+    agents:
+      - name: planner
+        model: {models['planner']}
+        role_prompt: You are the planner.
+        delta: 0.05
+        actor: {{optim: {{lr: 1.0e-5}}, ppo_micro_batch_size_per_gpu: 2}}
+      - name: solver
+        model: {models['solver']}
+        beta_init: 0.0
+        n_devices: 2
+    router: {{kind: sequence, sequence: [planner, solver, planner]}}
+    handoff: {{message_format: "[{{turn}}] {{name}} said: {{content}}", transcript_header: "", answer: solver}}
+    placement: colocate
+    delta: 0.02
+    beta_init: 0.3
+    """
+    team = TeamConfig.from_config(OmegaConf.create(yaml))
+    planner, solver = team.agents
+    assert planner.role_prompt == "You are the planner."
+    # actor overrides come back as plain dicts, not DictConfig
+    assert type(planner.actor) is dict and type(planner.actor["optim"]) is dict
+    assert planner.actor == {"optim": {"lr": 1e-5}, "ppo_micro_batch_size_per_gpu": 2}
+    assert team.router.sequence == ("planner", "solver", "planner")
+    assert team.handoff == HandoffSpec("[{turn}] {name} said: {content}", "", "solver")
+    assert team.placement == "colocate"
+    # Per-agent values win; None falls back to the team default.
+    assert (team.delta_of("planner"), team.delta_of("solver")) == (0.05, 0.02)
+    assert (team.beta_init_of("planner"), team.beta_init_of("solver")) == (0.3, 0.0)
+    assert solver.n_devices == 2
+
+
+def test_agent_lookup_by_unknown_name_lists_the_agents(models):
+    team = TeamConfig.from_config(_block(models))
+    with pytest.raises(KeyError, match=r"'critic'.*\['planner', 'solver'\]"):
+        team.agent("critic")
+
+
+def test_actor_overrides_are_never_aliased(models):
+    shared = {"optim": {"lr": 1e-5}}
+    block = _block(models)
+    for entry in block["agents"]:
+        entry["actor"] = shared  # the same dict object for both agents
+    team = TeamConfig.from_config(block)
+    planner, solver = team.agents
+    assert planner.actor is not solver.actor and planner.actor["optim"] is not solver.actor["optim"]
+    planner.actor["optim"]["lr"] = 1.0
+    assert solver.actor["optim"]["lr"] == 1e-5 and shared["optim"]["lr"] == 1e-5
+
+
+def test_config_is_frozen_and_hashable(models):
+    team = TeamConfig.from_config(_block(models))
+    with pytest.raises(Exception):
+        team.delta = 1.0
+    hash(team)
+
+
+def test_check_paths_false_accepts_missing_directories():
+    team = TeamConfig.from_config({"agents": [{"name": "a", "model": "/nowhere"}]}, check_paths=False)
+    assert team.agent("a").model == "/nowhere"
+
+
+def test_round_robin_and_random_routers(models):
+    team = TeamConfig.from_config(_block(models, router={"kind": "round_robin", "turns": 5}))
+    assert team.router == RouterSpec(kind="round_robin", turns=5, seed=0, sequence=None)
+    team = TeamConfig.from_config(_block(models, router={"kind": "random", "turns": 1, "seed": 7}))
+    assert team.router == RouterSpec(kind="random", turns=1, seed=7, sequence=None)
+
+
+def test_importing_config_pulls_in_nothing_heavy():
+    code = (
+        "import sys, teamtr_verl.config, teamtr_verl.team_logic;"
+        "heavy = [m for m in ('torch', 'ray', 'vllm', 'verl', 'transformers') if m in sys.modules];"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------ errors: block and agents
+
+
+def test_missing_block():
+    assert "teamtr is missing" in _error(None)
+
+
+def test_block_not_a_mapping():
+    assert "teamtr=[1, 2] must be a mapping" in _error([1, 2])
+
+
+def test_unknown_top_level_key(models):
+    message = _error(_block(models, detla=0.1))
+    assert message.startswith("teamtr.detla is not a known key: known keys are agents, router, handoff, placement")
+
+
+def test_unknown_agent_key_catches_typos(models):
+    block = {"agents": [{"name": "planner", "modle": models["planner"]}]}
+    message = _error(block)
+    assert message.startswith("teamtr.agents[0].modle is not a known key: known keys are name, model, role_prompt")
+
+
+@pytest.mark.parametrize("agents", [[], None])
+def test_empty_agent_list(agents):
+    assert f"teamtr.agents={agents!r} is empty" in _error({"agents": agents})
+
+
+def test_agents_not_a_list(models):
+    assert "teamtr.agents={'name': 'a'} must be a list of agents" in _error({"agents": {"name": "a"}})
+
+
+def test_agent_entry_not_a_mapping():
+    assert "teamtr.agents[0]='planner' must be a mapping" in _error({"agents": ["planner"]})
+
+
+def test_duplicate_agent_name(models):
+    block = {
+        "agents": [{"name": "planner", "model": models["planner"]}, {"name": "planner", "model": models["solver"]}]
+    }
+    assert _error(block) == (
+        "teamtr.agents[1].name='planner' is a duplicate: agent names must be unique (got ['planner', 'planner'])"
+    )
+
+
+def test_missing_agent_name(models):
+    assert "teamtr.agents[0].name is missing" in _error({"agents": [{"model": models["planner"]}]})
+
+
+@pytest.mark.parametrize("name", ["", "2nd", "plan ner", "a/b", "_x", 7])
+def test_invalid_agent_name(models, name):
+    message = _error({"agents": [{"name": name, "model": models["planner"]}]})
+    assert message.startswith(f"teamtr.agents[0].name={name!r} is not a valid agent name")
+    assert "^[A-Za-z][A-Za-z0-9_-]*$" in message
+
+
+@pytest.mark.parametrize("name", ["stage", "last"])
+def test_reserved_agent_name(models, name):
+    message = _error({"agents": [{"name": name, "model": models["planner"]}]})
+    assert message.startswith(f"teamtr.agents[0].name={name!r} is reserved")
+
+
+def test_missing_model():
+    assert "teamtr.agents[0].model is missing" in _error({"agents": [{"name": "a"}]})
+
+
+def test_model_does_not_exist(tmp_path):
+    missing = str(tmp_path / "nope")
+    message = _error({"agents": [{"name": "a", "model": missing}]})
+    assert message.startswith(f"teamtr.agents[0].model={missing!r} does not exist")
+
+
+def test_model_is_a_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_text("")
+    message = _error({"agents": [{"name": "a", "model": str(path)}]})
+    assert f"teamtr.agents[0].model={str(path)!r} is not a directory" in message
+
+
+def test_model_without_config_json(tmp_path):
+    message = _error({"agents": [{"name": "a", "model": str(tmp_path)}]})
+    assert message.startswith(f"teamtr.agents[0].model={str(tmp_path)!r} holds no config.json")
+
+
+def test_model_not_a_string():
+    message = _error({"agents": [{"name": "a", "model": 3}]}, check_paths=False)
+    assert "teamtr.agents[0].model=3 must be a string" in message
+
+
+def test_role_prompt_not_a_string(models):
+    block = {"agents": [{"name": "a", "model": models["planner"], "role_prompt": ["x"]}]}
+    assert "teamtr.agents[0].role_prompt=['x'] must be a string" in _error(block)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("delta", 0.0, "teamtr.agents[0].delta=0.0 must be > 0"),
+        ("delta", float("nan"), "teamtr.agents[0].delta=nan must be a finite number > 0"),
+        ("delta", True, "teamtr.agents[0].delta=True must be a finite number > 0"),
+        ("beta_init", -1, "teamtr.agents[0].beta_init=-1 must be >= 0"),
+        ("n_devices", 0, "teamtr.agents[0].n_devices=0 must be >= 1"),
+        ("n_devices", 1.5, "teamtr.agents[0].n_devices=1.5 must be an integer >= 1"),
+        ("actor", [1], "teamtr.agents[0].actor=[1] must be a mapping"),
+    ],
+)
+def test_bad_agent_numbers_and_actor(models, key, value, expected):
+    assert expected in _error({"agents": [{"name": "a", "model": models["planner"], key: value}]})
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("delta", -0.1, "teamtr.delta=-0.1 must be > 0"),
+        ("delta", "1e-2", "teamtr.delta='1e-2' must be a finite number > 0"),
+        ("beta_init", -0.5, "teamtr.beta_init=-0.5 must be >= 0"),
+        ("placement", "spread", "teamtr.placement='spread' is not valid: choose one of split, colocate"),
+    ],
+)
+def test_bad_team_values(models, key, value, expected):
+    assert expected in _error(_block(models, **{key: value}))
+
+
+def test_prefix_is_used_in_every_key(models):
+    assert "cfg.teamtr.delta=-0.1 must be > 0" in _error(_block(models, delta=-0.1), prefix="cfg.teamtr")
+
+
+def test_missing_mandatory_omegaconf_value():
+    # As in teamtr_trainer.yaml (`agents: ???`) when the launch command forgets the agents override.
+    config = OmegaConf.create({"teamtr": {"agents": "???"}})
+    assert _error(config.teamtr).startswith("teamtr.agents is ??? (mandatory)")
+    block = OmegaConf.create({"agents": [{"name": "a", "model": "???"}]})
+    assert _error(block).startswith("teamtr.agents[0].model is ??? (mandatory)")
+
+
+# ------------------------------------------------------------------------------------------------ errors: router
+
+
+def test_unknown_router_kind(models):
+    assert _error(_block(models, router={"kind": "star"})) == (
+        "teamtr.router.kind='star' is not valid: choose one of chain, round_robin, random, sequence"
+    )
+
+
+def test_unknown_router_key(models):
+    assert "teamtr.router.turn is not a known key: known keys are kind, turns, seed, sequence" in _error(
+        _block(models, router={"turn": 3})
+    )
+
+
+@pytest.mark.parametrize("kind", ["round_robin", "random"])
+def test_turns_required(models, kind):
+    message = _error(_block(models, router={"kind": kind}))
+    assert f"teamtr.router.turns is missing: teamtr.router.kind={kind!r} needs" in message
+
+
+def test_turns_at_least_one(models):
+    assert "teamtr.router.turns=0 must be >= 1" in _error(_block(models, router={"kind": "random", "turns": 0}))
+
+
+def test_chain_turns_must_be_null(models):
+    message = _error(_block(models, router={"kind": "chain", "turns": 3}))
+    assert message.startswith("teamtr.router.turns=3 must be null with teamtr.router.kind='chain'")
+
+
+def test_round_robin_too_few_turns_leaves_an_agent_silent(models):
+    message = _error(_block(models, "planner", "solver", "critic", router={"kind": "round_robin", "turns": 2}))
+    assert message == (
+        "teamtr.router.turns=2 gives no turn to 'critic': round_robin needs turns >= 3 (the number of agents)"
+    )
+
+
+def test_sequence_names_unknown_agent(models):
+    message = _error(_block(models, router={"kind": "sequence", "sequence": ["planner", "solver", "critic"]}))
+    assert message == "teamtr.router.sequence[2]='critic' names no agent: agents are ['planner', 'solver']"
+
+
+def test_sequence_missing_or_empty(models):
+    assert "teamtr.router.sequence=None must be a list" in _error(_block(models, router={"kind": "sequence"}))
+    assert "teamtr.router.sequence=[] is empty" in _error(_block(models, router={"kind": "sequence", "sequence": []}))
+
+
+def test_sequence_that_skips_an_agent(models):
+    message = _error(_block(models, router={"kind": "sequence", "sequence": ["planner", "planner"]}))
+    assert message.startswith("teamtr.router.sequence=['planner', 'planner'] never schedules 'solver'")
+
+
+def test_sequence_given_to_another_kind(models):
+    message = _error(_block(models, router={"kind": "chain", "sequence": ["planner"]}))
+    assert message.startswith("teamtr.router.sequence=['planner'] must be null unless teamtr.router.kind='sequence'")
+
+
+def test_seed_must_be_an_integer(models):
+    message = _error(_block(models, router={"kind": "random", "turns": 2, "seed": "x"}))
+    assert "teamtr.router.seed='x' must be an integer" in message
+
+
+# ------------------------------------------------------------------------------------------------ errors: handoff
+
+
+def test_answer_names_no_agent(models):
+    assert _error(_block(models, handoff={"answer": "x"})) == (
+        "teamtr.handoff.answer='x' names no agent: use 'last' or one of ['planner', 'solver']"
+    )
+
+
+def test_answer_agent_with_scheduling_routers(models):
+    # chain, round_robin and sequence routers are checked to give every agent a turn, so any agent may be the answer.
+    routers = [
+        {"kind": "chain"},
+        {"kind": "round_robin", "turns": 2},
+        {"kind": "sequence", "sequence": ["solver", "planner"]},
+    ]
+    for router in routers:
+        team = TeamConfig.from_config(_block(models, router=router, handoff={"answer": "planner"}))
+        assert team.handoff.answer == "planner"
+
+
+def test_answer_agent_with_random_router(models):
+    message = _error(_block(models, router={"kind": "random", "turns": 3}, handoff={"answer": "solver"}))
+    assert message.startswith("teamtr.handoff.answer='solver' cannot be used with a random router")
+
+
+@pytest.mark.parametrize(
+    "message_format, expected",
+    [
+        (
+            "{speaker}: {content}",
+            "uses the unknown placeholder {speaker}: valid placeholders are {name}, {content}, {turn}",
+        ),
+        ("{}: {content}", "uses the unknown placeholder {}"),
+        ("{name}", "never shows {content}"),
+        ("{name: {content}", "is not a valid format string"),
+        ("{name}: {content} }", "is not a valid format string"),
+        ("{turn:q} {content}", "cannot be formatted"),
+    ],
+)
+def test_bad_message_format(models, message_format, expected):
+    message = _error(_block(models, handoff={"message_format": message_format}))
+    assert message.startswith(f"teamtr.handoff.message_format={message_format!r}")
+    assert expected in message
+
+
+def test_message_format_with_literal_braces_is_fine(models):
+    team = TeamConfig.from_config(_block(models, handoff={"message_format": "{{{name}}} {content}"}))
+    assert team.handoff.message_format.format(name="a", content="b", turn=0) == "{a} b"
+
+
+def test_unknown_handoff_key(models):
+    assert "teamtr.handoff.header is not a known key" in _error(_block(models, handoff={"header": "x"}))
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+
+def test_split_placement_must_fit(models):
+    block = _block(models)
+    block["agents"][1]["n_devices"] = 2
+    team = TeamConfig.from_config(block)
+    with pytest.raises(TeamConfigError) as info:
+        validate_placement(team, 2)
+    assert str(info.value) == (
+        "teamtr.placement='split' needs 3 devices (planner: 1, solver: 2) "
+        "but trainer.n_gpus_per_node * trainer.nnodes = 2"
+    )
+    validate_placement(team, 3)  # exactly enough
+
+
+def test_colocate_ignores_n_devices(models):
+    block = _block(models, placement="colocate")
+    block["agents"][1]["n_devices"] = 8
+    validate_placement(TeamConfig.from_config(block), 1)

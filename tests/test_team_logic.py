@@ -1,0 +1,284 @@
+"""The pure logic of a team episode (teamtr_verl.team_logic): schedules, private views, chat messages, the answer.
+
+Expected values are written out by hand. The view tests use the relay10 shape of research/toy_task.md: A holds a
+secret in its private view, B must never see it except through A's message.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from teamtr_verl.config import AgentSpec, HandoffSpec, RouterSpec
+from teamtr_verl.team_logic import (
+    Message,
+    agent_view,
+    agent_views_of,
+    answer_turn,
+    build_agent_messages,
+    check_agent_views,
+    episode_key,
+    format_transcript,
+    router_schedule,
+)
+
+HANDOFF = HandoffSpec()  # "{name}: {content}" under "Conversation so far:", answer last
+PLANNER = AgentSpec(name="planner", model="/m/p", role_prompt="You are the planner.")
+SOLVER = AgentSpec(name="solver", model="/m/s", role_prompt="You are the solver.")
+
+
+# ------------------------------------------------------------------------------------------------ router
+
+
+def test_chain_speaks_each_agent_once_in_order():
+    assert router_schedule(RouterSpec("chain"), ["a", "b", "c"], "u/0") == ["a", "b", "c"]
+
+
+def test_round_robin_cycles():
+    assert router_schedule(RouterSpec("round_robin", turns=5), ["a", "b"], "u/0") == ["a", "b", "a", "b", "a"]
+
+
+def test_sequence_is_taken_as_given():
+    router = RouterSpec("sequence", sequence=("planner", "solver", "planner"))
+    assert router_schedule(router, ["planner", "solver"], "u/0") == ["planner", "solver", "planner"]
+
+
+def test_sequence_with_unknown_name_raises():
+    with pytest.raises(ValueError, match="'critic'"):
+        router_schedule(RouterSpec("sequence", sequence=("critic",)), ["planner"], "u/0")
+
+
+def test_random_is_a_pure_function_of_seed_and_key():
+    router = RouterSpec("random", turns=8, seed=0)
+    names = ["a", "b", "c"]
+    keys = [episode_key(f"uid{i}", s) for i in range(5) for s in range(2)]
+    schedules = {key: router_schedule(router, names, key) for key in keys}
+    for key, schedule in schedules.items():
+        assert len(schedule) == 8 and set(schedule) <= set(names)
+        assert router_schedule(router, names, key) == schedule  # same key, same schedule
+    # 3**8 = 6561 possible schedules; ten keys drawing fewer than 5 distinct ones would mean the key is ignored.
+    assert len({tuple(s) for s in schedules.values()}) >= 5
+    reseeded = RouterSpec("random", turns=8, seed=1)
+    assert any(router_schedule(reseeded, names, key) != schedules[key] for key in keys)
+
+
+def test_random_is_stable_across_processes():
+    # Pinned values: the draw is SHA-256 of (seed, key, turn), so it never depends on PYTHONHASHSEED or the
+    # interpreter's RNG. If these change, a resumed run would draw different schedules from the ones it started with.
+    code = (
+        "from teamtr_verl.config import RouterSpec; from teamtr_verl.team_logic import router_schedule;"
+        "print(router_schedule(RouterSpec('random', turns=6, seed=0), ['a', 'b', 'c'], 'uid0/0'))"
+    )
+    names = ["a", "b", "c"]
+    assert router_schedule(RouterSpec("random", turns=6, seed=0), names, "uid0/0") == ["a", "a", "b", "c", "c", "c"]
+    assert router_schedule(RouterSpec("random", turns=6, seed=1), names, "uid0/0") == ["b", "c", "c", "b", "b", "a"]
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+        assert out.strip() == "['a', 'a', 'b', 'c', 'c', 'c']"
+
+
+def test_random_draws_every_agent_roughly_uniformly():
+    router = RouterSpec("random", turns=1, seed=3)
+    counts = {"a": 0, "b": 0}
+    for i in range(400):
+        counts[router_schedule(router, ["a", "b"], f"k{i}")[0]] += 1
+    assert 150 < counts["a"] < 250  # binomial(400, 1/2): mean 200, sd 10
+
+
+def test_round_robin_needs_turns():
+    with pytest.raises(ValueError, match="router.turns=None"):
+        router_schedule(RouterSpec("round_robin"), ["a"], "k")
+
+
+def test_episode_key():
+    assert episode_key("abc", 3) == "abc/3"
+
+
+# ------------------------------------------------------------------------------------------------ answer
+
+
+@pytest.mark.parametrize(
+    "schedule, answer, expected",
+    [
+        (["a", "b", "a"], "last", 2),
+        (["a", "b", "a"], "a", 2),  # a's LAST message
+        (["a", "b", "a"], "b", 1),
+        (["solo"], "last", 0),
+    ],
+)
+def test_answer_turn(schedule, answer, expected):
+    assert answer_turn(schedule, HandoffSpec(answer=answer)) == expected
+
+
+def test_answer_agent_that_never_speaks():
+    with pytest.raises(ValueError, match=r"handoff.answer='c' never speaks in this episode's schedule \['a', 'b'\]"):
+        answer_turn(["a", "b"], HandoffSpec(answer="c"))
+
+
+def test_answer_of_empty_schedule():
+    with pytest.raises(ValueError, match="schedule is empty"):
+        answer_turn([], HANDOFF)
+
+
+# ------------------------------------------------------------------------------------------------ transcript
+
+
+def test_format_transcript():
+    transcript = [Message("planner", 0, "x is 7"), Message("solver", 1, "#### 7")]
+    assert format_transcript(transcript, HANDOFF) == "Conversation so far:\nplanner: x is 7\nsolver: #### 7"
+    custom = HandoffSpec(message_format="[{turn}] <{name}> {content}", transcript_header="")
+    assert format_transcript(transcript, custom) == "[0] <planner> x is 7\n[1] <solver> #### 7"
+    assert format_transcript([], HANDOFF) == ""
+
+
+# ------------------------------------------------------------------------------------------------ chat messages
+
+
+SHARED_PROMPT = [
+    {"role": "system", "content": "Answer with #### followed by the number."},
+    {"role": "user", "content": "What is 3 + 4?"},
+]
+
+
+def test_two_agent_chain_messages_written_out():
+    # Turn 0, planner: role prompt + dataset system text in one system message, then the task; no transcript yet.
+    planner_task = agent_view({}, SHARED_PROMPT, "planner")
+    assert build_agent_messages(PLANNER, planner_task, [], HANDOFF) == [
+        {"role": "system", "content": "You are the planner.\n\nAnswer with #### followed by the number."},
+        {"role": "user", "content": "What is 3 + 4?"},
+    ]
+    # Turn 1, solver: same task, planner's message appended to the same user message after a blank line.
+    solver_task = agent_view({}, SHARED_PROMPT, "solver")
+    transcript = [Message("planner", 0, "Add the units: 3 + 4 = 7.")]
+    assert build_agent_messages(SOLVER, solver_task, transcript, HANDOFF) == [
+        {"role": "system", "content": "You are the solver.\n\nAnswer with #### followed by the number."},
+        {
+            "role": "user",
+            "content": "What is 3 + 4?\n\nConversation so far:\nplanner: Add the units: 3 + 4 = 7.",
+        },
+    ]
+
+
+def test_no_role_prompt_and_no_dataset_system_gives_no_system_message():
+    bare = AgentSpec(name="a", model="/m")
+    assert build_agent_messages(bare, [{"role": "user", "content": "hi"}], [], HANDOFF) == [
+        {"role": "user", "content": "hi"}
+    ]
+
+
+def test_role_prompt_alone_and_several_dataset_system_messages():
+    task = [{"role": "system", "content": "S1"}, {"role": "system", "content": ""}, {"role": "system", "content": "S2"}]
+    assert build_agent_messages(PLANNER, task, [], HANDOFF) == [
+        {"role": "system", "content": "You are the planner.\n\nS1\n\nS2"}
+    ]
+    assert build_agent_messages(PLANNER, [{"role": "user", "content": "q"}], [], HANDOFF)[0] == {
+        "role": "system",
+        "content": "You are the planner.",
+    }
+
+
+def test_transcript_after_an_assistant_message_is_a_new_user_message():
+    # A few-shot task ending in an assistant turn: the transcript cannot be merged, so it gets its own user message.
+    task = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "example"}]
+    out = build_agent_messages(SOLVER, task, [Message("planner", 0, "hint")], HANDOFF)
+    assert out == [
+        {"role": "system", "content": "You are the solver."},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "example"},
+        {"role": "user", "content": "Conversation so far:\nplanner: hint"},
+    ]
+
+
+def test_transcript_with_no_task_messages():
+    out = build_agent_messages(SOLVER, [], [Message("planner", 0, "hint")], HANDOFF)
+    assert out == [
+        {"role": "system", "content": "You are the solver."},
+        {"role": "user", "content": "Conversation so far:\nplanner: hint"},
+    ]
+
+
+def test_round_robin_speaker_sees_its_own_earlier_message_as_transcript():
+    transcript = [Message("planner", 0, "p0"), Message("solver", 1, "s1")]
+    out = build_agent_messages(PLANNER, [{"role": "user", "content": "q"}], transcript, HANDOFF)
+    assert [m["role"] for m in out] == ["system", "user"]
+    assert out[1]["content"] == "q\n\nConversation so far:\nplanner: p0\nsolver: s1"
+
+
+def test_build_does_not_mutate_its_inputs():
+    task = [{"role": "user", "content": "q"}]
+    build_agent_messages(SOLVER, task, [Message("planner", 0, "hint")], HANDOFF)
+    assert task == [{"role": "user", "content": "q"}]
+
+
+def test_non_text_content_is_rejected_where_it_must_be_joined():
+    with pytest.raises(TypeError, match="text messages only"):
+        task = [{"role": "user", "content": [{"type": "image"}]}]
+        build_agent_messages(SOLVER, task, [Message("a", 0, "m")], HANDOFF)
+
+
+# ------------------------------------------------------------------------------------------------ private views
+
+
+def _relay_row(x):
+    return {
+        "agent_views": {
+            "planner": f"You are agent A. Secret x = {x}. Send B a short message.",
+            "solver": "You are agent B. Reply #### x.",
+        }
+    }
+
+
+def test_view_replaces_the_shared_prompt():
+    extra_info = _relay_row(7)
+    assert agent_view(extra_info, SHARED_PROMPT, "planner") == [
+        {"role": "user", "content": "You are agent A. Secret x = 7. Send B a short message."}
+    ]
+    # An agent without a view sees the shared prompt (a copy, so editing it leaves the row intact).
+    shared = agent_view(extra_info, SHARED_PROMPT, "critic")
+    assert shared == SHARED_PROMPT and shared[0] is not SHARED_PROMPT[0]
+
+
+def test_private_views_never_leak():
+    for x in range(10):
+        extra_info = _relay_row(x)
+        secret = extra_info["agent_views"]["planner"]
+        solver_task = agent_view(extra_info, SHARED_PROMPT, "solver")
+        transcript = [Message("planner", 0, f"msg {x}")]
+        messages = build_agent_messages(SOLVER, solver_task, transcript, HANDOFF)
+        text = "\n".join(m["content"] for m in messages)
+        assert secret not in text and f"x = {x}" not in text
+        assert f"msg {x}" in text  # what A chose to say does reach B
+        # and the planner never sees the solver's view
+        planner_task = agent_view(extra_info, SHARED_PROMPT, "planner")
+        planner_text = "\n".join(m["content"] for m in build_agent_messages(PLANNER, planner_task, [], HANDOFF))
+        assert "You are agent B" not in planner_text
+
+
+def test_views_from_parquet_struct_with_none_values():
+    # A parquet dict column becomes a struct over the union of keys: missing views read back as None.
+    extra_info = {"agent_views": {"planner": "secret 3", "solver": None}}
+    assert agent_views_of(extra_info) == {"planner": "secret 3"}
+    assert agent_view(extra_info, SHARED_PROMPT, "solver") == SHARED_PROMPT
+
+
+@pytest.mark.parametrize("extra_info", [None, {}, {"agent_views": None}, {"index": 3}])
+def test_rows_without_views(extra_info):
+    assert agent_views_of(extra_info) == {}
+    assert agent_view(extra_info, SHARED_PROMPT, "planner") == SHARED_PROMPT
+
+
+def test_bad_view_types():
+    with pytest.raises(TypeError, match="must map agent names"):
+        agent_views_of({"agent_views": ["a"]})
+    with pytest.raises(TypeError, match=r"\['planner'\] must be a string"):
+        agent_views_of({"agent_views": {"planner": 3}})
+
+
+def test_check_agent_views_catches_misspelt_names():
+    check_agent_views(_relay_row(1), ["planner", "solver"])
+    check_agent_views(None, ["planner"])
+    expected = r"views for \['plnner'\], which are no agents: agents are \['planner', 'solver'\]"
+    with pytest.raises(ValueError, match=expected):
+        check_agent_views({"agent_views": {"plnner": "s"}}, ["planner", "solver"])

@@ -1,0 +1,206 @@
+"""The team's verl-facing rollout code without vLLM: the routing client, the teamtr_handoff agent loop driven by a
+scripted fake server per agent, and the reward path through verl's own NaiveRewardManager."""
+
+import asyncio
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from teamtr_verl.fixtures import build_tiny_model
+from teamtr_verl.rollout import CONFIG_DIR, compose
+from teamtr_verl.team import (
+    AGENT_FIELD,
+    ANSWER_FIELD,
+    TRANSCRIPT_FIELD,
+    TURN_FIELD,
+    TeamHandoffAgentLoop,
+    TeamLLMClient,
+    TeamRewardError,
+    _TeamAgentLoopWorker,
+    agent_tokenizer,
+)
+from verl.workers.rollout.replica import TokenOutput
+
+
+@pytest.fixture(scope="module")
+def two_agents(tmp_path_factory):
+    root = tmp_path_factory.mktemp("agents")
+    # different seeds -> different tokenizers: the loop must tokenize each turn with its speaker's own
+    return build_tiny_model(root / "alice", seed=0, hidden_size=64), build_tiny_model(root / "bob", seed=1, hidden_size=64)
+
+
+def team_config(alice, bob, **teamtr):
+    overrides = [f"teamtr.agents=[{{name: alice, model: '{alice}', role_prompt: 'You are alice.'}}, "
+                 f"{{name: bob, model: '{bob}', role_prompt: 'You are bob.'}}]"]
+    overrides += [f"teamtr.{key}={value}" for key, value in teamtr.items()]
+    return compose(str(CONFIG_DIR), "teamtr_tiny_cpu", overrides)
+
+
+class ScriptedServer:
+    """One agent's server: answers every request with a fixed text in that agent's tokens; records prompts."""
+
+    def __init__(self, name, model_dir, reply):
+        self.name, self.tokenizer, self.reply = name, agent_tokenizer(str(model_dir)), reply
+        self.prompts = []
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+        assert "teamtr_agent" not in kwargs  # the routing kwarg never reaches a real server
+        self.prompts.append(list(prompt_ids))
+        ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
+        return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), extra_fields={"global_steps": 3})
+
+
+def run_episode(config, servers, **row):
+    from transformers import AutoTokenizer
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    client = TeamLLMClient(config, servers, default_agent="alice")
+    loop = TeamHandoffAgentLoop(
+        trainer_config=DictConfigWrap(config), server_manager=client,
+        tokenizer=AutoTokenizer.from_pretrained(config.actor_rollout_ref.model.path), processor=None,
+        dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data),
+    )
+    return asyncio.run(loop.run({"temperature": 1.0}, uid="u1", session_id=0, **row))
+
+
+ROW = {
+    "raw_prompt": [{"role": "user", "content": "What is 2 + 3?"}],
+    "extra_info": {"agent_views": {"alice": "Secret x = 7. Tell bob.", "bob": None}},
+}
+
+
+def test_chain_episode_turns_masks_and_routing(two_agents):
+    alice, bob = two_agents
+    config = team_config(alice, bob)
+    servers = {"alice": ScriptedServer("alice", alice, "msg 7"), "bob": ScriptedServer("bob", bob, "#### 7")}
+    outputs = run_episode(config, servers, **ROW)
+
+    assert [o.extra_fields[AGENT_FIELD] for o in outputs] == ["alice", "bob"]
+    assert [o.extra_fields[TURN_FIELD] for o in outputs] == [0, 1]
+    assert [o.extra_fields[ANSWER_FIELD] for o in outputs] == [False, True]
+    for output, server in zip(outputs, servers.values()):
+        assert output.response_mask == [1] * len(output.response_ids)  # every response token is the speaker's
+        assert output.response_logprobs == [-0.5] * len(output.response_ids)
+        assert output.prompt_ids == server.prompts[0]  # the row's prompt is exactly what that server was sent
+        assert output.extra_fields["global_steps"] == 3  # the server's own fields are kept
+        assert output.num_turns == 2
+    alice_prompt = servers["alice"].tokenizer.decode(servers["alice"].prompts[0])
+    bob_prompt = servers["bob"].tokenizer.decode(servers["bob"].prompts[0])
+    assert alice_prompt == ("<|im_start|>system\nYou are alice.<|im_end|>\n"
+                            "<|im_start|>user\nSecret x = 7. Tell bob.<|im_end|>\n<|im_start|>assistant\n")
+    # bob has no view: he sees the shared prompt and alice's message, never alice's private view
+    assert bob_prompt == ("<|im_start|>system\nYou are bob.<|im_end|>\n"
+                          "<|im_start|>user\nWhat is 2 + 3?\n\nConversation so far:\nalice: msg 7<|im_end|>\n"
+                          "<|im_start|>assistant\n")
+    assert outputs[-1].extra_fields[TRANSCRIPT_FIELD] == [
+        {"agent": "alice", "turn": 0, "content": "msg 7"}, {"agent": "bob", "turn": 1, "content": "#### 7"}]
+
+
+def test_answer_turn_is_placed_last_for_verls_reward(two_agents):
+    """verl scores the last output of a trajectory: with answer=alice in a round-robin of 3 turns (alice, bob, alice),
+    alice's turn 2 must come last, and each turn keeps its index."""
+    alice, bob = two_agents
+    config = team_config(alice, bob, **{"router.kind": "round_robin", "router.turns": 3, "handoff.answer": "alice"})
+    servers = {"alice": ScriptedServer("alice", alice, "a"), "bob": ScriptedServer("bob", bob, "b")}
+    outputs = run_episode(config, servers, **ROW)
+    assert [(o.extra_fields[AGENT_FIELD], o.extra_fields[TURN_FIELD]) for o in outputs] == [
+        ("alice", 0), ("bob", 1), ("alice", 2)]
+    config = team_config(alice, bob, **{"router.kind": "round_robin", "router.turns": 4, "handoff.answer": "alice"})
+    outputs = run_episode(config, servers, **ROW)
+    # turns alice0 bob1 alice2 bob3: the answer is alice's last message (turn 2), moved to the end
+    assert [(o.extra_fields[AGENT_FIELD], o.extra_fields[TURN_FIELD]) for o in outputs] == [
+        ("alice", 0), ("bob", 1), ("bob", 3), ("alice", 2)]
+    assert outputs[-1].extra_fields[ANSWER_FIELD] and not any(o.extra_fields[ANSWER_FIELD] for o in outputs[:-1])
+
+
+def test_a_view_for_an_unknown_agent_is_an_error(two_agents):
+    alice, bob = two_agents
+    servers = {"alice": ScriptedServer("alice", alice, "a"), "bob": ScriptedServer("bob", bob, "b")}
+    with pytest.raises(ValueError, match="carol"):
+        run_episode(team_config(alice, bob), servers, raw_prompt=ROW["raw_prompt"],
+                    extra_info={"agent_views": {"carol": "hi"}})
+
+
+def test_routing_client_errors_name_the_agent(two_agents):
+    alice, bob = two_agents
+    config = team_config(alice, bob)
+    client = TeamLLMClient(config, {"alice": ScriptedServer("alice", alice, "x")}, default_agent="alice")
+    with pytest.raises(KeyError, match="'carol'"):
+        asyncio.run(client.generate("r", prompt_ids=[1], sampling_params={}, teamtr_agent="carol"))
+    out = asyncio.run(client.generate("r", prompt_ids=[1], sampling_params={}))  # no kwarg: the default agent
+    assert out.token_ids
+    with pytest.raises(ValueError, match="default_agent='zed'"):
+        TeamLLMClient(config, {"alice": None}, default_agent="zed")
+
+
+# -- the reward path: verl's own NaiveRewardManager behind a fake reward-worker handle ---------------------------
+class _RemoteCall:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, data):
+        return self.fn(data)  # a coroutine: `await handle.compute_score.remote(data)` works as with Ray
+
+
+class FakeRewardWorker:
+    def __init__(self, config, tokenizer, score_fn):
+        self.compute_score = _RemoteCall(lambda data: self._score(config, tokenizer, score_fn, data))
+
+    @staticmethod
+    async def _score(config, tokenizer, score_fn, data):
+        from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
+
+        # built inside the running event loop: the manager runs the reward function in that loop's executor
+        return await NaiveRewardManager(config, tokenizer, score_fn).run_single(data)
+
+
+def make_worker(config, score_fn):
+    worker = _TeamAgentLoopWorker.__new__(_TeamAgentLoopWorker)
+    worker.config, worker.processor, worker.mm_processor_kwargs = config, None, {}
+    worker.tokenizer = agent_tokenizer(config.actor_rollout_ref.model.path)  # the default (alice's) tokenizer
+    worker.reward_loop_worker_handles = [FakeRewardWorker(config, worker.tokenizer, score_fn)]
+    return worker
+
+
+def scored_episode(two_agents, score_fn):
+    alice, bob = two_agents
+    config = team_config(alice, bob)
+    servers = {"alice": ScriptedServer("alice", alice, "msg 7"), "bob": ScriptedServer("bob", bob, "#### 7")}
+    outputs = run_episode(config, servers, **ROW)
+    worker = make_worker(config, score_fn)
+    row = {"data_source": "teamtr_tiny_add", "reward_model": {"ground_truth": "7"}, "extra_info": {"index": 0},
+           "uid": "u1", "session_id": 0}
+    asyncio.run(worker._compute_score(outputs, kwargs=row))
+    return outputs
+
+
+def test_reward_scores_the_answer_text_of_another_tokenizer_with_the_transcript(two_agents):
+    seen = {}
+
+    def score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+        seen.update(solution=solution_str, truth=ground_truth, transcript=extra_info.get(TRANSCRIPT_FIELD))
+        return 1.0 if solution_str == "#### 7" else 0.25
+
+    outputs = scored_episode(two_agents, score)
+    # bob's answer, in bob's tokens, reached the reward as the exact text, although the default tokenizer is alice's
+    assert seen["solution"] == "#### 7" and seen["truth"] == "7"
+    assert [m["agent"] for m in seen["transcript"]] == ["alice", "bob"]
+    assert outputs[-1].reward_score == 1.0
+    assert outputs[-1].extra_fields["reward_extra_info"] == {"acc": 1.0}
+    assert outputs[-1].response_ids == agent_tokenizer(str(two_agents[1])).encode("#### 7", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), math.inf])
+def test_non_finite_reward_drops_the_trajectory(two_agents, bad):
+    with pytest.raises(TeamRewardError, match=r"reward returned (nan|inf) for uid=u1 session=0"):
+        scored_episode(two_agents, lambda **kwargs: bad)
+
+
+def test_raising_reward_drops_the_trajectory(two_agents):
+    def broken(**kwargs):
+        raise KeyError("no such field")
+
+    with pytest.raises(TeamRewardError, match="reward raised for uid=u1 session=0: KeyError"):
+        scored_episode(two_agents, broken)

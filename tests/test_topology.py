@@ -1,0 +1,71 @@
+"""Per-agent topology arithmetic and the pre-flight checks of the rollout CLI (no Ray)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from teamtr_verl.config import TeamConfig
+from teamtr_verl.fixtures import build_tiny_model
+from teamtr_verl.rollout import CONFIG_DIR, compose
+from teamtr_verl.topology import agent_trainer_config, expected_server_names, replica_rank_offsets
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return [build_tiny_model(root / f"m{i}", seed=i, hidden_size=64, vocab_size=300) for i in range(3)]
+
+
+def compose_team(model_dirs, placement="split", n_devices=(1, 2, 1), gpus=4, tp=1):
+    extra = ["", ", actor: {optim: {lr: 0.5}, ppo_micro_batch_size_per_gpu: 2}", ""]  # a1 overrides its actor
+    agents = ", ".join(f"{{name: a{i}, model: '{d}', n_devices: {n}{extra[i]}}}"
+                       for i, (d, n) in enumerate(zip(model_dirs, n_devices)))
+    return compose(str(CONFIG_DIR), "teamtr_tiny_cpu", [
+        f"teamtr.agents=[{agents}]", f"teamtr.placement={placement}", f"trainer.n_gpus_per_node={gpus}",
+        f"actor_rollout_ref.rollout.tensor_model_parallel_size={tp}",
+    ])
+
+
+def test_split_offsets_and_server_names(model_dirs):
+    config = compose_team(model_dirs)
+    team = TeamConfig.from_config(config.teamtr)
+    # replicas per agent = its devices / tp: 1, 2, 1 -> offsets 0, 1, 3
+    assert replica_rank_offsets(config, team) == {"a0": 0, "a1": 1, "a2": 3}
+    assert expected_server_names(config, team) == {
+        "a0": ["vllm_server_0_0"], "a1": ["vllm_server_1_0", "vllm_server_2_0"], "a2": ["vllm_server_3_0"]}
+
+
+def test_colocate_every_agent_spans_all_devices(model_dirs):
+    config = compose_team(model_dirs, placement="colocate", gpus=2, tp=2)
+    team = TeamConfig.from_config(config.teamtr)
+    # 2 devices / tp 2 = 1 replica per agent, disjoint global ranks all the same
+    assert replica_rank_offsets(config, team) == {"a0": 0, "a1": 1, "a2": 2}
+
+
+def test_agent_config_takes_its_model_and_overrides_only(model_dirs):
+    config = compose_team(model_dirs)
+    team = TeamConfig.from_config(config.teamtr)
+    a0, a1 = (agent_trainer_config(config, team.agent(n)) for n in ("a0", "a1"))
+    assert a0.actor_rollout_ref.model.path == str(model_dirs[0])
+    assert a1.actor_rollout_ref.model.path == str(model_dirs[1])
+    assert a1.actor_rollout_ref.actor.optim.lr == 0.5 and a1.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu == 2
+    assert a0.actor_rollout_ref.actor.optim.lr == config.actor_rollout_ref.actor.optim.lr == 1e-3
+    assert a1.actor_rollout_ref.actor.optim.betas == config.actor_rollout_ref.actor.optim.betas  # merged, not replaced
+    assert config.actor_rollout_ref.model.path == str(model_dirs[0])  # the base config is untouched
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.n_gpus_per_node=2", "teamtr.placement='split' needs 4 devices"),
+    ("teamtr.agents.0.name=a1", "teamtr.agents[1].name='a1' is a duplicate"),
+    ("teamtr.agents.2.model=/nonexistent/model", "teamtr.agents[2].model='/nonexistent/model'"),
+    ("teamtr.router.sequence=[a0,zed] teamtr.router.kind=sequence", "teamtr.router.sequence[1]='zed'"),
+])
+def test_rollout_cli_rejects_bad_teams_before_ray_starts(model_dirs, override, expected):
+    agents = ", ".join(f"{{name: a{i}, model: '{d}', n_devices: {n}}}" for i, (d, n) in enumerate(zip(model_dirs, (1, 2, 1))))
+    command = [sys.executable, "-m", "teamtr_verl.rollout", f"teamtr.agents=[{agents}]", "trainer.n_gpus_per_node=4",
+               f"--config-dir={CONFIG_DIR}", "--config-name=teamtr_tiny_cpu", *override.split()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr and "ray" not in result.stderr.lower().split("teamtr-verl:")[0]
