@@ -924,8 +924,8 @@ def compute_teamtr_policy_loss(
     """verl policy loss ``teamtr`` (``actor.policy_loss.loss_mode=teamtr``): Eq. 10, see :func:`teamtr_policy_loss`.
 
     Same calling convention as ``core_algos.compute_policy_loss_vanilla``. Each option is read from keyword arguments
-    first (``PolicyLossConfig`` rejects unknown keys, so the TeamTR trainer binds per-agent β with
-    ``functools.partial``), then from ``config.policy_loss`` (a DictConfig/dict that allows them), then, for the
+    first, then from ``config.policy_loss`` (a DictConfig/dict that allows them; for β also verl's
+    ``policy_loss.ppo_kl_coef``, which is how the TeamTR trainer sets each agent's β), then, for the
     clip ratios only, from the actor config (``clip_ratio_low``/``clip_ratio_high``, falling back to ``clip_ratio``,
     and ``clip_ratio_c``), then the defaults:
 
@@ -958,7 +958,9 @@ def compute_teamtr_policy_loss(
         log_prob,
         advantages,
         response_mask,
-        beta=opt("beta", DEFAULT_BETA),
+        # β: verl's own PolicyLossConfig field for a KL penalty coefficient carries it, so the trainer can push a
+        # per-agent β with the loss config (ppo_loss looks the loss up by name; a partial would never reach it).
+        beta=_first_set(kwargs.get("beta"), _cfg_get(pl, "beta"), _cfg_get(pl, "ppo_kl_coef"), default=DEFAULT_BETA),
         clip_ratio_low=opt("clip_ratio_low", DEFAULT_CLIP_RATIO, ("clip_ratio_low", "clip_ratio")),
         clip_ratio_high=opt("clip_ratio_high", DEFAULT_CLIP_RATIO, ("clip_ratio_high", "clip_ratio")),
         clip_ratio_c=opt("clip_ratio_c", DEFAULT_CLIP_RATIO_C, ("clip_ratio_c",)),

@@ -148,3 +148,16 @@ def test_adapt_beta_matches_verl_adaptive_kl_controller():
         ctrl.update(kl, n)
         beta = algos.adapt_beta(beta, kl, 0.01, n_steps=n, horizon=10)
         assert beta == pytest.approx(ctrl.value, rel=1e-12)
+
+
+def test_beta_travels_in_verls_policy_loss_config():
+    """The trainer sets an agent's β through PolicyLossConfig.ppo_kl_coef (verl's ppo_loss gives the loss nothing
+    else); an explicit keyword still wins, and the default is 0.1."""
+    from verl.workers.config.actor import PolicyLossConfig
+
+    old, new, adv, mask = _random_loss_batch(4)
+    fn = algos.compute_teamtr_policy_loss
+    with_beta = _actor_config(policy_loss=PolicyLossConfig(loss_mode="teamtr", ppo_kl_coef=0.37))
+    assert fn(old, new, adv, mask, config=with_beta)[1]["actor/teamtr_beta"] == pytest.approx(0.37)
+    assert fn(old, new, adv, mask, config=with_beta, beta=0.5)[1]["actor/teamtr_beta"] == pytest.approx(0.5)
+    assert fn(old, new, adv, mask, config=None)[1]["actor/teamtr_beta"] == pytest.approx(0.1)
