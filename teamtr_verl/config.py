@@ -16,7 +16,7 @@ Shape (YAML)::
       handoff: {message_format: "{name}: {content}", transcript_header: "Conversation so far:", answer: last}
       placement: split        # split | colocate
       delta: 0.01             # default KL radius δ > 0
-      beta_init: 0.1          # default initial β >= 0
+      beta_init: 0.1          # default initial β > 0
 
 :meth:`TeamConfig.from_config` raises :class:`TeamConfigError` on the first problem, with a message that names the
 dotted key, the offending value and what would be valid. The known keys of each level are the fields of its
@@ -49,10 +49,19 @@ __all__ = [
     "RESERVED_AGENT_NAMES",
     "AGENT_NAME_PATTERN",
     "validate_placement",
+    "SCHEDULES",
+    "ORDERS",
 ]
 
 ROUTER_KINDS = ("chain", "round_robin", "random", "sequence")
 PLACEMENTS = ("split", "colocate")
+# teamtr: regenerate before every agent update; stale: one rollout per stage, sequential updates on it;
+# joint: one rollout, every agent updated from the pre-stage team; happo: stale + HAPPO importance factor.
+SCHEDULES = ("teamtr", "stale", "joint", "happo")
+ORDERS = ("fixed", "reversed", "random")
+KL_ESTIMATORS = ("k1", "k3")
+CERTIFICATE_FORMS = ("finite_horizon", "discounted")
+ON_NONFINITE = ("error", "skip")
 # Placeholders a handoff.message_format may use (see team_logic.format_transcript).
 MESSAGE_FORMAT_FIELDS = ("name", "content", "turn")
 ANSWER_LAST = "last"
@@ -110,6 +119,28 @@ class TeamConfig:
     placement: str = "split"
     delta: float = 0.01
     beta_init: float = 0.1
+    # -- the stage loop (teamtr_verl/trainer.py) --
+    schedule: str = "teamtr"
+    resample_every: Optional[int] = None  # schedule=teamtr only: regenerate before every k-th update (None = 1)
+    order: str = "fixed"
+    order_seed: int = 0
+    enforce: bool = True  # backtrack an update whose measured KL exceeds δ (else: only adapt β and count it)
+    max_backtracks: int = 5
+    backtrack_factor: float = 1.5
+    kl_estimator: str = "k3"
+    a_clip: float = 5.0
+    norm_eps: float = 1e-6
+    certificate_form: str = "finite_horizon"
+    gamma: float = 0.99  # only for certificate_form=discounted
+    on_nonfinite: str = "error"  # a non-finite loss, KL or grad norm: stop (error) or skip the update and count it
+
+    def regenerates_before(self, update_index: int) -> bool:
+        """Whether the team's rollouts are regenerated before the ``update_index``-th agent update of a stage."""
+        if update_index == 0:
+            return True
+        if self.schedule != "teamtr":
+            return False
+        return update_index % (self.resample_every or 1) == 0
 
     @property
     def agent_names(self) -> tuple[str, ...]:
@@ -271,9 +302,53 @@ def _parse_team(block: Any, prefix: str, check_paths: bool) -> TeamConfig:
     if placement not in PLACEMENTS:
         raise _fail(f"{prefix}.placement", placement, f"is not valid: choose one of {', '.join(PLACEMENTS)}")
     delta = _positive(block.get("delta", TeamConfig.delta), f"{prefix}.delta")
-    beta_init = _non_negative(block.get("beta_init", TeamConfig.beta_init), f"{prefix}.beta_init")
+    beta_init = _positive(block.get("beta_init", TeamConfig.beta_init), f"{prefix}.beta_init")
     return TeamConfig(
-        agents=tuple(agents), router=router, handoff=handoff, placement=placement, delta=delta, beta_init=beta_init
+        agents=tuple(agents), router=router, handoff=handoff, placement=placement, delta=delta, beta_init=beta_init,
+        **_parse_stage_loop(block, prefix),
+    )
+
+
+def _choice(block: Mapping, name: str, choices: Sequence[str], prefix: str) -> str:
+    value = block.get(name, getattr(TeamConfig, name))
+    if value not in choices:
+        raise _fail(f"{prefix}.{name}", value, f"is not valid: choose one of {', '.join(choices)}")
+    return value
+
+
+def _parse_stage_loop(block: Mapping, prefix: str) -> dict:
+    """The stage-loop options of the trainer (schedule, order, δ enforcement, advantage, certificate)."""
+    schedule = _choice(block, "schedule", SCHEDULES, prefix)
+    resample_every = block.get("resample_every")
+    if resample_every is not None:
+        resample_every = _integer(resample_every, f"{prefix}.resample_every", minimum=1)
+        if schedule != "teamtr":
+            raise _fail(f"{prefix}.resample_every", resample_every,
+                        f"only applies to {prefix}.schedule='teamtr' (it is {schedule!r}); set it to null")
+    enforce = block.get("enforce", TeamConfig.enforce)
+    if not isinstance(enforce, bool):
+        raise _fail(f"{prefix}.enforce", enforce, "must be true or false")
+    gamma = _positive(block.get("gamma", TeamConfig.gamma), f"{prefix}.gamma")
+    if gamma >= 1:
+        raise _fail(f"{prefix}.gamma", gamma, "must be < 1 (the discounted certificate diverges at 1)")
+    factor = _positive(block.get("backtrack_factor", TeamConfig.backtrack_factor), f"{prefix}.backtrack_factor")
+    if factor <= 1:
+        raise _fail(f"{prefix}.backtrack_factor", factor, "must be > 1: a backtrack must raise β")
+    return dict(
+        schedule=schedule,
+        resample_every=resample_every,
+        order=_choice(block, "order", ORDERS, prefix),
+        order_seed=_integer(block.get("order_seed", TeamConfig.order_seed), f"{prefix}.order_seed"),
+        enforce=enforce,
+        max_backtracks=_integer(block.get("max_backtracks", TeamConfig.max_backtracks), f"{prefix}.max_backtracks",
+                                minimum=0),
+        backtrack_factor=factor,
+        kl_estimator=_choice(block, "kl_estimator", KL_ESTIMATORS, prefix),
+        a_clip=_positive(block.get("a_clip", TeamConfig.a_clip), f"{prefix}.a_clip"),
+        norm_eps=_non_negative(block.get("norm_eps", TeamConfig.norm_eps), f"{prefix}.norm_eps"),
+        certificate_form=_choice(block, "certificate_form", CERTIFICATE_FORMS, prefix),
+        gamma=gamma,
+        on_nonfinite=_choice(block, "on_nonfinite", ON_NONFINITE, prefix),
     )
 
 
@@ -325,7 +400,7 @@ def _parse_agent(entry: Any, key: str, check_paths: bool) -> AgentSpec:
         model=model,
         role_prompt=role_prompt,
         delta=None if delta is None else _positive(delta, f"{key}.delta"),
-        beta_init=None if beta_init is None else _non_negative(beta_init, f"{key}.beta_init"),
+        beta_init=None if beta_init is None else _positive(beta_init, f"{key}.beta_init"),
         n_devices=_integer(entry.get("n_devices", AgentSpec.n_devices), f"{key}.n_devices", minimum=1),
         # A deep copy: one agent's overrides must never alias another's (or the caller's) dict.
         actor=copy.deepcopy(_mapping(entry.get("actor"), f"{key}.actor", allow_none=True)),

@@ -8,15 +8,18 @@ Registered here (each only once it exists, never a placeholder):
   * the ``cpu`` platform for verl (and its CPU patches), active only on a machine without a GPU;
   * advantage estimator ``teamtr``  (``algorithm.adv_estimator=teamtr``);
   * policy loss ``teamtr``          (``actor_rollout_ref.actor.policy_loss.loss_mode=teamtr``);
-  * agent loop ``teamtr_handoff``   (router-based text handoff between the agents of a team).
+  * agent loop ``teamtr_handoff``   (router-based text handoff between the agents of a team);
+  * trainer ``teamtr``              (``trainer.v1.trainer_mode=teamtr``), with its config validated before Ray.
 """
 
 from verl.trainer.ppo import core_algos
 
 from teamtr_verl import algos
+from teamtr_verl.cpu import patches as _patches
 from teamtr_verl.cpu import platform as _cpu_platform
 
 _cpu_platform.install()
+_patches.install_config_validation_hook()
 
 ADV_ESTIMATOR_NAME = "teamtr"
 POLICY_LOSS_NAME = "teamtr"
@@ -27,3 +30,5 @@ core_algos.register_policy_loss(POLICY_LOSS_NAME)(algos.compute_teamtr_policy_lo
 
 # Importing the module runs verl's @register("teamtr_handoff") on the agent loop class.
 from teamtr_verl import team as _team  # noqa: E402,F401
+# Importing the module runs verl's @register_trainer("teamtr").
+from teamtr_verl import trainer as _trainer  # noqa: E402,F401

@@ -45,13 +45,38 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def snapshot_actor_weights(self) -> int:
-        """Keep a CPU copy of this rank's actor weights (the pre-update policy, for backtracking); returns #elements."""
+        """Keep a CPU copy of this rank's actor weights θ_cur (the pre-update policy); returns #elements.
+
+        Also forgets the proposal of the previous update (see :meth:`blend_actor_weights`).
+        """
         self._teamtr_snapshot = {name: t.detach().to("cpu", copy=True) for name, t in self._local_actor_tensors()}
+        self._teamtr_proposal = None
         return sum(t.numel() for t in self._teamtr_snapshot.values())
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def blend_actor_weights(self, alpha: float) -> int:
+        """Set the actor's weights to θ_cur + α·(θ_new − θ_cur), in place; returns #elements.
+
+        θ_new is the proposal the optimizer produced: the weights at the first call after a snapshot. α = 0 restores
+        the pre-update policy exactly, α = 1 the full update; a backtracking line search halves α until the
+        measured KL is inside the trust region.
+        """
+        snapshot = getattr(self, "_teamtr_snapshot", None)
+        if snapshot is None:
+            raise RuntimeError("blend_actor_weights called before snapshot_actor_weights")
+        if self._teamtr_proposal is None:
+            self._teamtr_proposal = {name: t.detach().to("cpu", copy=True) for name, t in self._local_actor_tensors()}
+        blended = 0
+        with torch.no_grad():
+            for name, tensor in self._local_actor_tensors():
+                cur, new = snapshot[name].float(), self._teamtr_proposal[name].float()
+                tensor.copy_((cur + alpha * (new - cur)).to(tensor.device, tensor.dtype))
+                blended += tensor.numel()
+        return blended
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def restore_actor_weights(self) -> int:
-        """Copy the last snapshot back into the actor's weights, in place; returns #elements restored."""
+        """Put the pre-update weights θ_cur back, bit-exact (a plain copy, no arithmetic)."""
         snapshot = getattr(self, "_teamtr_snapshot", None)
         if snapshot is None:
             raise RuntimeError("restore_actor_weights called before snapshot_actor_weights")

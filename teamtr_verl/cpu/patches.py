@@ -1,6 +1,7 @@
 """Every patch teamtr-verl applies to verl or vLLM internals, in one place.
 
-They exist only so that verl 0.9.1's real trainer runs on a CPU-only machine. Each one is
+One hook runs on every platform: :func:`install_config_validation_hook` (a teamtr config is validated before Ray
+starts). All the others exist only so that verl 0.9.1's real trainer runs on a CPU-only machine. Each of those is
   * applied only in CPU mode (:func:`teamtr_verl.cpu.cpu_mode`), so it is inert on GPU machines;
   * applied only against the exact versions it was written for (:data:`PINNED`); other versions get a warning and
     no patch, and :mod:`teamtr_verl.env_check` reports the mismatch in plain words;
@@ -181,3 +182,36 @@ def patch_vllm_cpu() -> None:
         layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
 
     layer_utils.dispatch_cpu_unquantized_gemm = _mark(dispatch_cpu_unquantized_gemm)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# All platforms: the one hook that is not about the CPU
+# ----------------------------------------------------------------------------------------------------------------
+def install_config_validation_hook() -> None:
+    """Wrap verl.utils.config.validate_config so a trainer_mode=teamtr config is checked before Ray starts.
+
+    verl's main_ppo binds ``from verl.utils.config import validate_config`` when it is imported, which happens after
+    ``import verl`` has loaded the plugins: replacing the module attribute here is what that binding picks up.
+    A bad config prints one line naming the dotted key and value, and exits with status 2.
+    """
+    import sys
+
+    import verl.utils.config as verl_config
+
+    original = verl_config.validate_config
+    if _is_patched(original):
+        return
+
+    def validate_config(config, *args, **kwargs):
+        from teamtr_verl.config import TeamConfigError
+        from teamtr_verl.validation import is_teamtr_run, validate_teamtr_config
+
+        if is_teamtr_run(config):
+            try:
+                validate_teamtr_config(config)
+            except TeamConfigError as error:
+                print(f"teamtr-verl: config error: {error}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+        return original(config, *args, **kwargs)
+
+    verl_config.validate_config = _mark(validate_config)

@@ -1,0 +1,118 @@
+"""A team rollout as it sits in verl's TransferQueue, and the few reads/writes the TeamTR stage loop needs on it.
+
+verl stores every agent-loop output under the key ``{uid}_{session}_{turn_index}``; ``teamtr_handoff`` writes one
+output per turn with the speaker in ``extra_fields``. Here the rows of one regeneration are read once, grouped into
+team trajectories (``{uid}_{session}``) and prompt groups (``uid``), and given the bounded advantage of Eq. 9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import transfer_queue as tq
+from tensordict import TensorDict
+from transfer_queue import KVBatchMeta
+
+from verl.workers.utils.padding import response_from_nested, response_to_nested
+
+from teamtr_verl.algos import teamtr_row_advantage
+from teamtr_verl.team import AGENT_FIELD
+
+
+@dataclass
+class TeamRollout:
+    """One regeneration of the team's rollouts on the stage's prompts.
+
+    Attributes:
+        meta: every row (message) of the rollout, as verl's batch metadata.
+        agent: per row, the name of the agent that wrote it.
+        trajectory: per row, its team trajectory (``{uid}_{session}``).
+        advantage, normalized, group_size: per row, Ã, z and G of its trajectory (Eq. 9).
+        returns: per trajectory, its return R(τ).
+        return_mean: mean team return over trajectories (the J of the measured gain).
+        group_std_mean: mean σ of the prompt groups (converts advantage units back to returns).
+        expected_trajectories: prompts × rollout.n; fewer arrived when a reward failed (verl dropped them).
+    """
+
+    meta: KVBatchMeta
+    agent: list[str]
+    trajectory: list[str]
+    advantage: np.ndarray
+    normalized: np.ndarray
+    group_size: np.ndarray
+    returns: dict[str, float]
+    return_mean: float
+    group_std_mean: float
+    expected_trajectories: int
+
+    def rows_of(self, agent: str) -> list[int]:
+        return [i for i, name in enumerate(self.agent) if name == agent]
+
+    def keys_of(self, agent: str) -> list[str]:
+        return [self.meta.keys[i] for i in self.rows_of(agent)]
+
+    @property
+    def dropped_trajectories(self) -> int:
+        return self.expected_trajectories - len(self.returns)
+
+
+def read_team_rollout(meta: KVBatchMeta, expected_trajectories: int, a_clip: float, norm_eps: float) -> TeamRollout:
+    """Read a regeneration's rows from TransferQueue and compute Eq. 9 over its team trajectories."""
+    data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id,
+                           select_fields=["uid", "rm_scores", "response_mask", "extra_fields"])
+    agents = [fields[AGENT_FIELD] for fields in data.pop("extra_fields").tolist()]
+    uids = [str(uid) for uid in data.pop("uid").tolist()]
+    trajectory = [key.rsplit("_", 1)[0] for key in meta.keys]  # drop the turn index of {uid}_{session}_{turn}
+    padded = data.to_padded_tensor()
+    # verl copies the scored answer's reward onto every turn of the trajectory: take it once ("last").
+    rows = teamtr_row_advantage(padded["rm_scores"].float(), padded["response_mask"], np.array(uids, dtype=object),
+                                trajectory_index=np.array(trajectory, dtype=object), a_clip=a_clip,
+                                norm_eps=norm_eps, trajectory_return="last")
+    returns = {t: float(r) for t, r in zip(trajectory, rows.trajectory_return.tolist())}
+    first_row_of = {t: i for i, t in reversed(list(enumerate(trajectory)))}
+    group_std = {uids[i]: float(rows.group_std[i]) for i in first_row_of.values()}
+    return TeamRollout(
+        meta=meta,
+        agent=agents,
+        trajectory=trajectory,
+        advantage=rows.advantage.numpy(),
+        normalized=rows.normalized.numpy(),
+        group_size=rows.group_size.numpy(),
+        returns=returns,
+        return_mean=float(np.mean(list(returns.values()))),
+        group_std_mean=float(np.mean(list(group_std.values()))),
+        expected_trajectories=expected_trajectories,
+    )
+
+
+def write_advantages(batch: KVBatchMeta, row_advantage: dict[str, float]) -> KVBatchMeta:
+    """Write ``advantages``/``returns`` for ``batch``: each row's value on its response tokens, 0 on padding rows.
+
+    Returns the batch metadata TransferQueue hands back, which lists the new fields (workers read only those).
+    """
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask"])
+    response_mask = data["response_mask"]
+    mask = data.to_padded_tensor()["response_mask"]
+    values = torch.tensor([row_advantage.get(key, 0.0) for key in batch.keys], dtype=torch.float32)
+    advantages = values[:, None] * mask.float()
+    fields = {"advantages": response_to_nested(advantages, response_mask),
+              "returns": response_to_nested(advantages.clone(), response_mask)}
+    return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
+                           fields=TensorDict(fields, batch_size=len(batch)))
+
+
+def read_log_probs(batch: KVBatchMeta) -> dict[str, torch.Tensor]:
+    """Old (pre-update) and freshly computed log-probs of ``batch``'s real rows, padded: (rows, response_length)."""
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                           select_fields=["log_probs", "old_log_probs", "response_mask"])
+    data["new_log_probs"] = response_from_nested(data.pop("log_probs"), data["response_mask"])
+    padded = data.to_padded_tensor()
+    real = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])
+    return {
+        "old": padded["old_log_probs"][real].float(),
+        "new": padded["new_log_probs"][real].float(),
+        "mask": padded["response_mask"][real].bool(),
+        "real_keys": [key for key, keep in zip(batch.keys, real.tolist()) if keep],
+    }

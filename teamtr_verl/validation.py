@@ -1,0 +1,58 @@
+"""Validation of a ``trainer.v1.trainer_mode=teamtr`` run, in the driver, before Ray starts.
+
+verl's ``main_ppo`` calls ``verl.utils.config.validate_config`` before ``run_ppo`` starts Ray; the plugin wraps that
+function (see :func:`teamtr_verl.cpu.patches.install_config_validation_hook`) so that a bad TeamTR config stops
+there, with one line naming the dotted key, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from teamtr_verl.config import TeamConfig, TeamConfigError, validate_placement
+
+TRAINER_MODE = "teamtr"
+AGENT_LOOP = "teamtr_handoff"
+AGENT_LOOP_MANAGER = "teamtr_verl.team.TeamAgentLoopManager"
+RESUME_MODES = ("auto", "disable", "resume_path")
+
+
+def is_teamtr_run(config: DictConfig) -> bool:
+    return config.trainer.get("v1", {}).get("trainer_mode") == TRAINER_MODE
+
+
+def _require(key: str, value, expected, why: str) -> None:
+    if value != expected:
+        raise TeamConfigError(f"{key}={value!r} {why}: set {key}={expected}")
+
+
+def validate_teamtr_config(config: DictConfig) -> TeamConfig:
+    """Check everything a TeamTR run needs; return the validated team. Raises :class:`TeamConfigError`."""
+    _require("algorithm.adv_estimator", config.algorithm.adv_estimator, "teamtr",
+             "does not match trainer.v1.trainer_mode=teamtr (the stage loop computes Eq. 9 itself)")
+    actor = config.actor_rollout_ref.actor
+    _require("actor_rollout_ref.actor.policy_loss.loss_mode", actor.policy_loss.get("loss_mode"), "teamtr",
+             "does not match trainer.v1.trainer_mode=teamtr (β and δ act through the teamtr loss)")
+    rollout = config.actor_rollout_ref.rollout
+    _require("actor_rollout_ref.rollout.name", rollout.name, "vllm", "is not supported: each agent needs vLLM servers")
+    _require("actor_rollout_ref.rollout.agent.default_agent_loop", rollout.agent.default_agent_loop, AGENT_LOOP,
+             "is not the team's agent loop")
+    _require("actor_rollout_ref.rollout.agent.agent_loop_manager_class",
+             rollout.agent.get("agent_loop_manager_class"), AGENT_LOOP_MANAGER, "does not score team episodes")
+    if rollout.n < 2:
+        raise TeamConfigError(f"actor_rollout_ref.rollout.n={rollout.n!r} must be > 1: the advantage is normalized "
+                              "over the G trajectories of a prompt, and a group of 1 has advantage 0")
+    if config.critic.get("enable"):
+        raise TeamConfigError(f"critic.enable={config.critic.enable!r} is not supported by teamtr: set it to false")
+    if config.algorithm.get("use_kl_in_reward"):
+        raise TeamConfigError("algorithm.use_kl_in_reward=True is not supported by teamtr: the trust region is the "
+                              "KL term of the teamtr loss; set algorithm.use_kl_in_reward=false")
+    mode = config.trainer.resume_mode
+    if mode not in RESUME_MODES:
+        raise TeamConfigError(f"trainer.resume_mode={mode!r} is not valid: choose one of {', '.join(RESUME_MODES)}")
+    if mode == "resume_path" and "global_step_" not in str(config.trainer.get("resume_from_path") or ""):
+        raise TeamConfigError(f"trainer.resume_from_path={config.trainer.get('resume_from_path')!r} must name a "
+                              "global_step_N folder when trainer.resume_mode=resume_path")
+    team = TeamConfig.from_config(config.get("teamtr"), prefix="teamtr")
+    validate_placement(team, config.trainer.n_gpus_per_node * config.trainer.nnodes)
+    return team
