@@ -70,7 +70,7 @@ def test_full_block_from_omegaconf(models):
         actor: {{optim: {{lr: 1.0e-5}}, ppo_micro_batch_size_per_gpu: 2}}
       - name: solver
         model: {models['solver']}
-        beta_init: 0.0
+        beta_init: 0.05
         n_devices: 2
     router: {{kind: sequence, sequence: [planner, solver, planner]}}
     handoff: {{message_format: "[{{turn}}] {{name}} said: {{content}}", transcript_header: "", answer: solver}}
@@ -89,7 +89,7 @@ def test_full_block_from_omegaconf(models):
     assert team.placement == "colocate"
     # Per-agent values win; None falls back to the team default.
     assert (team.delta_of("planner"), team.delta_of("solver")) == (0.05, 0.02)
-    assert (team.beta_init_of("planner"), team.beta_init_of("solver")) == (0.3, 0.0)
+    assert (team.beta_init_of("planner"), team.beta_init_of("solver")) == (0.3, 0.05)
     assert solver.n_devices == 2
 
 
@@ -239,7 +239,7 @@ def test_role_prompt_not_a_string(models):
         ("delta", 0.0, "teamtr.agents[0].delta=0.0 must be > 0"),
         ("delta", float("nan"), "teamtr.agents[0].delta=nan must be a finite number > 0"),
         ("delta", True, "teamtr.agents[0].delta=True must be a finite number > 0"),
-        ("beta_init", -1, "teamtr.agents[0].beta_init=-1 must be >= 0"),
+        ("beta_init", -1, "teamtr.agents[0].beta_init=-1 must be > 0"),
         ("n_devices", 0, "teamtr.agents[0].n_devices=0 must be >= 1"),
         ("n_devices", 1.5, "teamtr.agents[0].n_devices=1.5 must be an integer >= 1"),
         ("actor", [1], "teamtr.agents[0].actor=[1] must be a mapping"),
@@ -254,7 +254,7 @@ def test_bad_agent_numbers_and_actor(models, key, value, expected):
     [
         ("delta", -0.1, "teamtr.delta=-0.1 must be > 0"),
         ("delta", "1e-2", "teamtr.delta='1e-2' must be a finite number > 0"),
-        ("beta_init", -0.5, "teamtr.beta_init=-0.5 must be >= 0"),
+        ("beta_init", -0.5, "teamtr.beta_init=-0.5 must be > 0"),
         ("placement", "spread", "teamtr.placement='spread' is not valid: choose one of split, colocate"),
     ],
 )
