@@ -1,7 +1,7 @@
 # teamtr-verl: one-command setup, tests and demo on a CPU-only machine.
 #   make setup   create .venv with the CPU set (idempotent; re-runs only when pyproject.toml or the lock changes)
 #   make test    the test suite (sets up first if needed)
-#   make demo    the main job (arrives with the demo issue)
+#   make demo    the main job: a two-agent TeamTR run on tiny local models, then its summary
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -46,6 +46,6 @@ test-fast: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# The main job. Until the TeamTR demo lands, it is the stock GRPO smoke run on the tiny fixtures.
+# The main job: a two-agent TeamTR run on the tiny fixtures through verl's stock entry point, then its summary.
 demo: setup
-	PY=$(abspath $(PY)) bash recipes/tiny_cpu/run_grpo_cpu.sh .demo/grpo_tiny_cpu
+	PY=$(abspath $(PY)) bash recipes/tiny_cpu/run_teamtr_cpu.sh .demo/teamtr_tiny_cpu

@@ -217,10 +217,11 @@ class TeamTRTrainer(PPOTrainer):
             step_fraction, halvings, proposal_kl = 1.0, 0, None
             while True:
                 logps = self._fresh_log_probs(batch)
-                kl = float(algos.token_kl_monitor(logps["old"], logps["new"], logps["mask"],
-                                                  estimator=self.team.kl_estimator))
+                bad = self._first_non_finite(update_metrics, logps)
+                kl = math.nan if bad else float(algos.token_kl_monitor(logps["old"], logps["new"], logps["mask"],
+                                                                         estimator=self.team.kl_estimator))
                 proposal_kl = kl if proposal_kl is None else proposal_kl
-                bad = self._first_non_finite(update_metrics, kl)
+                bad = bad or self._first_non_finite(update_metrics, logps, kl)
                 if bad is not None:
                     if self.team.on_nonfinite == "error":
                         raise NonFiniteUpdateError(f"teamtr: agent {name!r} at stage {stage}: non-finite {bad}")
@@ -289,12 +290,16 @@ class TeamTRTrainer(PPOTrainer):
         return read_log_probs(batch)
 
     @staticmethod
-    def _first_non_finite(update_metrics: dict, kl: float) -> Optional[str]:
-        checks = {"KL": kl, "loss": update_metrics.get("actor/pg_loss", 0.0),
-                  "grad norm": update_metrics.get("actor/grad_norm", 0.0)}
+    def _first_non_finite(update_metrics: dict, logps: dict, kl: float = 0.0) -> Optional[str]:
+        """What went non-finite in an update (loss, grad norm, the new log-probs, KL), or None."""
+        checks = {"loss": update_metrics.get("actor/pg_loss", 0.0),
+                  "grad norm": update_metrics.get("actor/grad_norm", 0.0), "KL": kl}
         for what, value in checks.items():
             if not math.isfinite(float(value)):
                 return f"{what}={value}"
+        new = logps["new"][logps["mask"]]
+        if not bool(torch.isfinite(new).all()):
+            return f"log-prob={new[~torch.isfinite(new)][0].item()}"
         return None
 
     def _update_record(self, name, rollout: TeamRollout, logps: dict, kl: float, delta: float) -> algos.UpdateRecord:
@@ -353,7 +358,9 @@ class TeamTRTrainer(PPOTrainer):
         for position, name in enumerate(order):
             metrics[f"teamtr/{name}/position"] = position
         if records:
-            occupancy = "intermediate" if self.team.schedule == "teamtr" else "stale"
+            # intermediate occupancy only when every update had fresh rollouts; otherwise the stale penalty applies
+            fresh = self.team.schedule == "teamtr" and (self.team.resample_every or 1) == 1
+            occupancy = "intermediate" if fresh else "stale"
             cert = algos.stage_certificate(records, a_max=self.team.a_clip, form=self.team.certificate_form,
                                            horizon=episode_horizon(self.team), gamma=self.team.gamma,
                                            occupancy=occupancy)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import teamtr_verl
-from teamtr_verl.fixtures import build_tiny_model, write_addition_dataset
+from teamtr_verl.fixtures import write_addition_dataset
 
 pytestmark = pytest.mark.e2e
 
@@ -26,12 +26,9 @@ SECRET = "Secret x = 7."
 
 
 @pytest.fixture(scope="module")
-def team_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("team")
-    alice = build_tiny_model(root / "alice", seed=0)
-    # Another size (hidden 64, one head) and another tokenizer (trained on seed-1 text), same vocabulary size.
-    bob = build_tiny_model(root / "bob", seed=1, hidden_size=64, num_heads=1)
-    data = write_addition_dataset(root / "data", n_train=4, n_val=4)
+def team_dirs(tiny_team, tmp_path_factory):
+    alice, bob = tiny_team
+    data = write_addition_dataset(tmp_path_factory.mktemp("team_data") / "data", n_train=4, n_val=4)
     for split in ("train", "test"):
         frame = pd.read_parquet(data / f"{split}.parquet")
         frame["extra_info"] = [

@@ -1,0 +1,76 @@
+"""A short, honest summary of a TeamTR run, read from verl's file-logger metrics (``trainer.logger=[...,file]``).
+
+    python -m teamtr_verl.summary METRICS.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def load_stages(metrics_file: str | Path) -> dict[int, dict]:
+    """Per verl step (= TeamTR stage), the merged metrics of that step's lines."""
+    path = Path(metrics_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run with trainer.logger='[console,file]' "
+                                "and VERL_FILE_LOGGER_PATH (or look under <project>/<experiment>.jsonl)")
+    stages: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        stages.setdefault(int(row["step"]), {}).update(row["data"])
+    stages = {step: data for step, data in stages.items() if "teamtr/stage/return_mean" in data}
+    if not stages:
+        raise ValueError(f"{path} holds no teamtr/stage/* metrics: is it the metrics file of a trainer_mode=teamtr run?")
+    return dict(sorted(stages.items()))
+
+
+def agents_of(stages: dict[int, dict]) -> list[str]:
+    names = {key.split("/")[1] for data in stages.values() for key in data
+             if key.startswith("teamtr/") and key.count("/") == 2 and key.split("/")[1] not in ("stage", "rollout")}
+    return sorted(names)
+
+
+def summarize(stages: dict[int, dict]) -> str:
+    first, last = stages[min(stages)], stages[max(stages)]
+    lines = [f"TeamTR run: {len(stages)} stages"]
+    start, end = first["teamtr/stage/return_mean"], last["teamtr/stage/return_mean"]
+    lines.append(f"  team return (mean over each stage's first regeneration): {start:.3f} -> {end:.3f} "
+                 f"(change {end - start:+.3f}; no significance claimed)")
+    for agent in agents_of(stages):
+        kls = [d[f"teamtr/{agent}/kl"] for d in stages.values() if f"teamtr/{agent}/kl" in d]
+        deltas = [d[f"teamtr/{agent}/delta"] for d in stages.values() if f"teamtr/{agent}/delta" in d]
+        committed = sum(d.get(f"teamtr/{agent}/committed", 0) for d in stages.values())
+        backtracks = sum(d.get(f"teamtr/{agent}/backtracks", 0) for d in stages.values())
+        outside = sum(d.get(f"teamtr/{agent}/out_of_region", 0) for d in stages.values())
+        lines.append(
+            f"  {agent}: KL per update max {max(kls):.4g} vs delta {max(deltas):.4g}; {int(committed)}/{len(kls)} "
+            f"updates committed; {int(outside)} full steps left the region; {int(backtracks)} backtracks; "
+            f"beta {last.get(f'teamtr/{agent}/beta', math.nan):.3g}"
+        )
+    cert = last.get("teamtr/stage/certificate_sum")
+    gain = last.get("teamtr/stage/measured_gain_sum")
+    if cert is not None and gain is not None:
+        lines.append(f"  certificate (sum of stage bounds) {cert:.4f} vs measured gain (sum) {gain:.4f}; "
+                     f"calibration {last.get('teamtr/stage/calibration', math.nan):.2f}, "
+                     f"rank correlation {last.get('teamtr/stage/rank_correlation', math.nan):.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    try:
+        print(summarize(load_stages(argv[0])))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"teamtr-verl: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
