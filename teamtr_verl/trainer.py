@@ -105,7 +105,7 @@ class TeamTRTrainer(PPOTrainer):
         return None  # each agent's weights were pushed right after its own update
 
     def on_sample_end(self):
-        return None  # replicas are put to sleep per agent, only around that agent's update (see _update_agent)
+        return None  # replicas sleep per agent, only around that agent's own update (see _update_agent)
 
     def _get_n_gpus_for_throughput(self) -> int:
         return self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
@@ -163,13 +163,10 @@ class TeamTRTrainer(PPOTrainer):
                 self._sync(name, metrics)
         self._log_stage(records, order, metrics)
         self.state.stages_done = stage
-        keys, tags = [], []
+        tag_of = {}  # every key once (an agent's batch repeats its rollout's keys, plus its padding rows)
         for batch in created:
-            for key, tag in zip(batch.keys, batch.tags):
-                if key not in keys:
-                    keys.append(key)
-                    tags.append(tag)
-        return KVBatchMeta(partition_id="train", keys=keys, tags=tags)
+            tag_of.update({key: tag for key, tag in zip(batch.keys, batch.tags) if key not in tag_of})
+        return KVBatchMeta(partition_id="train", keys=list(tag_of), tags=list(tag_of.values()))
 
     def _regenerate(self, prompts, metrics: dict) -> TeamRollout:
         """Team rollouts of the current team on the stage's prompts: same prompts, fresh uids, existing servers."""
@@ -199,6 +196,9 @@ class TeamTRTrainer(PPOTrainer):
             return None, KVBatchMeta(partition_id=rollout.meta.partition_id, keys=[], tags=[]), None
         start = time.perf_counter()
         delta = self.team.delta_of(name)
+        # Free this agent's rollout memory for training, as verl's sync trainer does after sampling (a no-op unless
+        # rollout.free_cache_engine); its sync afterwards wakes it. Other agents' servers stay up.
+        self.stacks[name].checkpoint_manager.sleep_replicas()
         with self._agent_context(name) as stack:
             agent_metrics: dict = {}
             batch = self._balance_batch(rollout.meta.select_keys(keys), metrics=agent_metrics)

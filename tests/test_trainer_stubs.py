@@ -46,7 +46,7 @@ TRAJ_ADVANTAGE = (1.0, -1.0, 0.5, -0.5)
 TRAJ_RETURN_OFFSET = (0.5, -0.5, 0.25, -0.25)
 RETURN_STEP = 0.25  # regeneration g has mean team return 0.25·g: every measured gain is exactly 0.25
 DEFAULT_SHIFT = 0.004  # an unscripted update moves each message by KL 0.004 < δ = 0.01: accepted at once
-LOOP_EVENTS = ("regenerate", "old_log_prob", "update", "kl_check", "sync")
+LOOP_EVENTS = ("regenerate", "sleep", "old_log_prob", "update", "kl_check", "sync")
 
 
 # ----------------------------------------------------------------------------------------------------- configs
@@ -119,6 +119,9 @@ class FakeCheckpointManager:
     def update_weights(self, global_steps):
         self.synced_steps.append(global_steps)
         self.log.append(("sync", self.name))
+
+    def sleep_replicas(self):
+        self.log.append(("sleep", self.name))
 
 
 @dataclass
@@ -251,7 +254,9 @@ def loop_events(log):
 
 
 def agent_block(name, sync=True):
-    return [("old_log_prob", name), ("update", name), ("kl_check", name)] + ([("sync", name)] if sync else [])
+    # sleep: the agent's own servers free their memory for its update; the sync wakes them
+    return ([("sleep", name), ("old_log_prob", name), ("update", name), ("kl_check", name)]
+            + ([("sync", name)] if sync else []))
 
 
 REGEN = [("regenerate",)]
@@ -292,7 +297,7 @@ def test_one_agent_step_full_event_sequence(make_trainer, base_configs):
     trainer = make_trainer(team_config(base_configs, 2), log)
     trainer.step({}, {})
     alice = log[:log.index(("sync", "alice")) + 1]
-    assert alice == [("regenerate",), ("old_log_prob", "alice"), ("snapshot", "alice"),
+    assert alice == [("regenerate",), ("sleep", "alice"), ("old_log_prob", "alice"), ("snapshot", "alice"),
                      ("set_loss_fn", "alice", 0.1), ("update", "alice"), ("kl_check", "alice"), ("sync", "alice")]
 
 
@@ -305,10 +310,10 @@ def test_only_the_updated_agent_is_touched_during_its_step(make_trainer, base_co
                            global_steps=6)
     trainer.step({}, {})
     for name in NAMES:
-        # agent `name`'s step: from its old log-probs up to the next regeneration or the next agent's step
-        start = log.index(("old_log_prob", name))
+        # agent `name`'s step: from putting its servers to sleep up to the next regeneration or the next agent's step
+        start = log.index(("sleep", name))
         end = next((i for i in range(start + 1, len(log))
-                    if log[i] == ("regenerate",) or (log[i][0] == "old_log_prob" and log[i][1] != name)), len(log))
+                    if log[i] == ("regenerate",) or (log[i][0] == "sleep" and log[i][1] != name)), len(log))
         window = log[start:end]
         if schedule == "joint":  # the trailing syncs of the whole team are not part of the last agent's step
             window = [e for e in window if e[0] != "sync"]
@@ -359,7 +364,8 @@ def test_backtracking_halves_the_step_until_inside_the_region(make_trainer, base
     metrics = {}
     trainer.step(metrics, {})
     alice = [e for e in log if e[1:2] == ("alice",)]
-    assert alice == [("old_log_prob", "alice"), ("snapshot", "alice"), ("set_loss_fn", "alice", 0.1),
+    assert alice == [("sleep", "alice"), ("old_log_prob", "alice"), ("snapshot", "alice"),
+                     ("set_loss_fn", "alice", 0.1),
                      ("update", "alice"), ("kl_check", "alice"), ("blend", "alice", 0.5), ("kl_check", "alice"),
                      ("blend", "alice", 0.25), ("kl_check", "alice"), ("sync", "alice")]
     assert metrics["teamtr/alice/backtracks"] == 2
