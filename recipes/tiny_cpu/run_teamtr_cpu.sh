@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A two-agent TeamTR run on CPU with the tiny fixtures, through the stock entry point, then its summary.
+# A two-agent TeamTR run on CPU with the tiny fixtures, through the stock entry point, then its summary and plot.
 #   bash recipes/tiny_cpu/run_teamtr_cpu.sh [OUT_DIR] [extra Hydra overrides...]
 # Agents: alice (427k params, seed 0) and bob (another size and tokenizer, seed 1), chain router, teamtr schedule.
 set -euo pipefail
@@ -20,3 +20,4 @@ rm -f "$OUT/metrics.jsonl"
   trainer.resume_mode=disable \
   "$@"
 "$PY" -m teamtr_verl.summary "$OUT/metrics.jsonl"
+"$PY" -m teamtr_verl.plot "$OUT/metrics.jsonl" -o "$OUT/teamtr_run.png"

@@ -1,0 +1,88 @@
+"""Curves of a TeamTR run from verl's file-logger metrics.
+
+    python -m teamtr_verl.plot RUN_DIR_OR_METRICS.jsonl -o out.png
+
+Panels: each agent's KL per update against its δ (committed and full-step), each agent's β, the team return, the
+certificate against the measured gain (cumulative), and the time of each stage split by phase and agent.
+A directory is searched for ``*.jsonl`` metrics files (the newest is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from teamtr_verl.summary import agents_of, load_stages
+
+PANELS = ("KL per update vs δ", "β per agent", "team return", "certificate vs measured gain", "stage time by phase")
+PHASES = ("gen_s", "update_s", "sync_s")
+
+
+def find_metrics(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.rglob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise FileNotFoundError(f"{path} holds no *.jsonl metrics file: run with trainer.logger='[console,file]'")
+        return candidates[-1]
+    return path
+
+
+def plot(metrics_path: str | Path, out: str | Path) -> list[str]:
+    """Draw the panels into ``out`` (PNG); return the panel titles drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = load_stages(find_metrics(metrics_path))
+    steps = list(stages)
+    agents = agents_of(stages)
+    series = lambda key: [stages[s].get(key, float("nan")) for s in steps]  # noqa: E731
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
+    kl_ax, beta_ax, ret_ax, cert_ax, time_ax = axes
+    for agent in agents:
+        line, = kl_ax.plot(steps, series(f"teamtr/{agent}/kl"), marker="o", label=f"{agent} committed")
+        kl_ax.plot(steps, series(f"teamtr/{agent}/kl_proposal"), ls=":", color=line.get_color(),
+                   label=f"{agent} full step")
+        kl_ax.plot(steps, series(f"teamtr/{agent}/delta"), ls="--", color=line.get_color(), label=f"{agent} δ")
+        beta_ax.plot(steps, series(f"teamtr/{agent}/beta"), marker="o", label=agent)
+    kl_ax.set_yscale("log")
+    ret_ax.plot(steps, series("teamtr/stage/return_mean"), marker="o")
+    cert_ax.plot(steps, series("teamtr/stage/certificate_sum"), marker="o", label="certificate (cumulative)")
+    cert_ax.plot(steps, series("teamtr/stage/measured_gain_sum"), marker="s", label="measured gain (cumulative)")
+    bottom = [0.0] * len(steps)
+    for agent in agents:
+        for phase in PHASES:
+            values = [v if v == v else 0.0 for v in series(f"teamtr/{agent}/{phase}")]
+            time_ax.bar(steps, values, bottom=bottom, label=f"{agent} {phase[:-2]}")
+            bottom = [b + v for b, v in zip(bottom, values)]
+    for ax, title in zip(axes, PANELS):
+        ax.set_title(title)
+        ax.set_xlabel("stage")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return [ax.get_title() for ax in axes]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m teamtr_verl.plot", description=__doc__.split("\n")[0])
+    parser.add_argument("metrics", help="a run directory or verl's file-logger metrics (.jsonl)")
+    parser.add_argument("-o", "--out", default="teamtr_run.png")
+    args = parser.parse_args(argv)
+    try:
+        plot(args.metrics, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"teamtr-verl: {error}", file=sys.stderr)
+        return 2
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The run summary and the plot, from a small hand-written metrics file in verl's file-logger format."""
+
+import json
+
+import pytest
+
+from teamtr_verl import plot, summary
+
+
+def write_metrics(path, stages=3):
+    with open(path, "w") as handle:
+        for step in range(1, stages + 1):
+            data = {"teamtr/stage/return_mean": 0.1 * step, "teamtr/stage/certificate_sum": -0.05 * step,
+                    "teamtr/stage/measured_gain_sum": 0.02 * step, "teamtr/stage/calibration": 1.0}
+            for agent, kl in (("alice", 0.004), ("bob", 0.008)):
+                data.update({f"teamtr/{agent}/kl": kl * step / stages, f"teamtr/{agent}/kl_proposal": 0.5,
+                             f"teamtr/{agent}/delta": 0.01, f"teamtr/{agent}/beta": 0.1 * step,
+                             f"teamtr/{agent}/committed": 1.0, f"teamtr/{agent}/backtracks": 2,
+                             f"teamtr/{agent}/out_of_region": 1.0, f"teamtr/{agent}/gen_s": 2.0,
+                             f"teamtr/{agent}/update_s": 0.5, f"teamtr/{agent}/sync_s": 0.03})
+            handle.write(json.dumps({"step": step, "data": data}) + "\n")
+            handle.write(json.dumps({"step": step, "data": {"val-core/x/acc": 0.5}}) + "\n")  # verl's val line
+
+
+def test_summary_states_the_numbers(tmp_path):
+    write_metrics(tmp_path / "m.jsonl")
+    text = summary.summarize(summary.load_stages(tmp_path / "m.jsonl"))
+    assert "3 stages" in text
+    assert "0.100 -> 0.300 (change +0.200" in text
+    # bob: max KL 0.008 vs δ 0.01, 3 of 3 committed, 3 full steps outside, 2 backtracks x 3 stages
+    assert "bob: KL per update max 0.008 vs delta 0.01; 3/3 updates committed; 3 full steps left the region; " \
+           "6 backtracks" in text
+    assert "certificate (sum of stage bounds) -0.1500 vs measured gain (sum) 0.0600" in text
+
+
+def test_plot_draws_every_panel(tmp_path):
+    write_metrics(tmp_path / "m.jsonl")
+    out = tmp_path / "run.png"
+    titles = plot.plot(tmp_path, out)  # a run directory: the metrics file is found inside
+    assert titles == list(plot.PANELS)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    assert plot.main([str(tmp_path)]) == 2  # a directory without metrics
+    assert "holds no *.jsonl metrics file" in capsys.readouterr().err
+    (tmp_path / "grpo.jsonl").write_text(json.dumps({"step": 1, "data": {"actor/pg_loss": 0.1}}) + "\n")
+    assert plot.main([str(tmp_path / "grpo.jsonl")]) == 2  # metrics of a non-TeamTR run
+    assert "no teamtr/stage/* metrics" in capsys.readouterr().err
+    assert summary.main([str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
