@@ -76,21 +76,22 @@ class TeamLLMClient(LLMServerClient):
         return await client.generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params, **kwargs)
 
 
-@lru_cache(maxsize=None)
-def _team_from_config(teamtr_block_yaml: str) -> TeamConfig:
-    from omegaconf import OmegaConf
-
-    # Paths were checked in the driver; agent-loop workers may run where the check would only cost time.
-    return TeamConfig.from_config(OmegaConf.create(teamtr_block_yaml), check_paths=False)
+# config object id -> (the config, its team). The config is kept alive so its id cannot be reused; an agent-loop
+# worker holds one trainer config for its lifetime, so this parses once instead of once per episode.
+_TEAMS: dict[int, tuple[DictConfig, TeamConfig]] = {}
 
 
 def team_of(config: DictConfig) -> TeamConfig:
-    """The validated TeamConfig of a whole trainer config (cached per process)."""
-    from omegaconf import OmegaConf
-
+    """The validated TeamConfig of a whole trainer config (parsed once per config object and process)."""
+    cached = _TEAMS.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
     if config.get("teamtr") is None:
         raise ValueError("the config has no `teamtr` block: the teamtr_handoff agent loop needs a team")
-    return _team_from_config(OmegaConf.to_yaml(config.teamtr))
+    # Paths were checked in the driver; agent-loop workers may run where the check would only cost time.
+    team = TeamConfig.from_config(config.teamtr, check_paths=False)
+    _TEAMS[id(config)] = (config, team)
+    return team
 
 
 @lru_cache(maxsize=None)
