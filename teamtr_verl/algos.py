@@ -117,31 +117,29 @@ OCCUPANCY_MODES = ("intermediate", "stale")
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_positive(name: str, value: Any) -> float:
+def _as_float(name: str, value: Any, expected: str) -> float:
     try:
-        v = float(value)
+        return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number > 0, got {name}={value!r}") from None
+        raise ValueError(f"{name} must be {expected}, got {name}={value!r}") from None
+
+
+def _check_positive(name: str, value: Any) -> float:
+    v = _as_float(name, value, "a number > 0")
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be > 0, got {name}={value!r}")
     return v
 
 
 def _check_nonneg(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0, got {name}={value!r}") from None
+    v = _as_float(name, value, "a number >= 0")
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be >= 0, got {name}={value!r}")
     return v
 
 
 def _check_finite_scalar(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number, got {name}={value!r}") from None
+    v = _as_float(name, value, "a finite number")
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {name}={value!r}")
     return v
@@ -149,10 +147,7 @@ def _check_finite_scalar(name: str, value: Any) -> float:
 
 def _check_kl_value(name: str, value: Any) -> float:
     """A measured KL: any number but NaN or −inf (+inf is a legitimate, far out-of-region measurement)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {name}={value!r}") from None
+    v = _as_float(name, value, "a number")
     if math.isnan(v) or v == -math.inf:
         raise ValueError(f"{name} must not be NaN or -inf, got {name}={value!r}")
     return v
