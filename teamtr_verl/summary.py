@@ -33,12 +33,29 @@ def agents_of(stages: dict[int, dict]) -> list[str]:
     return sorted(names)
 
 
+def return_verdict(returns: list[float], window: int = 3) -> str:
+    """Did the team return improve? Compares the mean of the first and last ``window`` stages against twice the
+    standard error of that difference, estimated from the stage-to-stage spread inside the two windows."""
+    if len(returns) < 2 * window:
+        return f"verdict: too few stages ({len(returns)}) to judge an improvement (needs {2 * window})"
+    head, tail = returns[:window], returns[-window:]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    var = lambda xs: sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)  # noqa: E731
+    diff = mean(tail) - mean(head)
+    noise = 2 * math.sqrt((var(head) + var(tail)) / window)
+    words = ("improved" if diff > noise else "got worse" if diff < -noise
+             else "did NOT improve measurably in this budget")
+    return (f"verdict: the team return {words} (first {window} stages {mean(head):.3f}, last {window} "
+            f"{mean(tail):.3f}, difference {diff:+.3f} vs 2 standard errors {noise:.3f})")
+
+
 def summarize(stages: dict[int, dict]) -> str:
     first, last = stages[min(stages)], stages[max(stages)]
     lines = [f"TeamTR run: {len(stages)} stages"]
     start, end = first["teamtr/stage/return_mean"], last["teamtr/stage/return_mean"]
     lines.append(f"  team return (mean over each stage's first regeneration): {start:.3f} -> {end:.3f} "
-                 f"(change {end - start:+.3f}; no significance claimed)")
+                 f"(change {end - start:+.3f})")
+    lines.append("  " + return_verdict([d["teamtr/stage/return_mean"] for d in stages.values()]))
     for agent in agents_of(stages):
         kls = [d[f"teamtr/{agent}/kl"] for d in stages.values() if f"teamtr/{agent}/kl" in d]
         deltas = [d[f"teamtr/{agent}/delta"] for d in stages.values() if f"teamtr/{agent}/delta" in d]

@@ -336,14 +336,19 @@ class TeamTRTrainer(PPOTrainer):
         """A regeneration measures J of the current team. The updates made since the previous regeneration get
         their measured gain: one update (teamtr) -> a per-update pair; several (stale, joint, happo) -> one pair
         for their summed bounds."""
+        metrics["teamtr/stage/episodes"] = metrics.get("teamtr/stage/episodes", 0) + len(rollout.returns)
         pending = [u for u in self.state.updates_history if u["measured_gain"] is None]
         if pending and self.state.last_return_mean is not None:
             gain = rollout.return_mean - self.state.last_return_mean
             self.state.gain_pairs.append([sum(u["bound"] for u in pending), gain])
             for update in pending:
                 update["measured_gain"] = gain
+                metrics[f"teamtr/{update['agent']}/measured_gain"] = gain
             self.state.measured_gain_sum += gain
             metrics["teamtr/stage/measured_gain"] = gain
+            # a coordination regression: the team got worse over an interval of updates (noise included)
+            metrics["teamtr/stage/negative_gains"] = metrics.get("teamtr/stage/negative_gains", 0) + int(gain < 0)
+            metrics["teamtr/stage/gain_measurements"] = metrics.get("teamtr/stage/gain_measurements", 0) + 1
         self.state.last_return_mean = rollout.return_mean
         metrics.setdefault("teamtr/stage/return_mean", rollout.return_mean)  # the stage's first regeneration
 

@@ -49,3 +49,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "no teamtr/stage/* metrics" in capsys.readouterr().err
     assert summary.main([str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_return_verdict_compares_the_windows_against_their_noise():
+    # first 3: mean 0.2, sample var 0.01; last 3: mean 0.8, var 0.01 -> 2·sqrt((0.01+0.01)/3) = 0.1633 < 0.6
+    assert "improved (first 3 stages 0.200, last 3 0.800, difference +0.600 vs 2 standard errors 0.163)" in \
+        summary.return_verdict([0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9])
+    # same means, but a spread so large (var 1.0 per window) that 0.6 < 2·sqrt(2/3) = 1.633
+    assert "did NOT improve" in summary.return_verdict([-0.8, 0.2, 1.2, 0.5, -0.2, 0.8, 1.8])
+    assert "got worse" in summary.return_verdict([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    assert "too few stages (5)" in summary.return_verdict([0.1] * 5)

@@ -541,6 +541,13 @@ def test_measured_gain_pairs_one_per_update_or_per_stage(make_trainer, base_conf
             metrics = {}
             trainer.step(metrics, {})
             bounds.append([metrics["teamtr/alice/bound"], metrics["teamtr/bob/bound"]])
+            regenerations = 2 if schedule == "teamtr" else 1
+            assert metrics["teamtr/stage/episodes"] == regenerations * PROMPTS * SESSIONS
+            # stage 1's first regeneration has nothing to measure; every later one measures one interval
+            assert metrics.get("teamtr/stage/gain_measurements", 0) == regenerations - (stage == 1)
+            assert metrics.get("teamtr/stage/negative_gains", 0) == 0  # every regeneration raises the return
+        if schedule == "teamtr":  # bob's stage-1 update is measured by stage 2's first regeneration
+            assert metrics["teamtr/bob/measured_gain"] == metrics["teamtr/alice/measured_gain"] == RETURN_STEP
         pairs = trainer.state.gain_pairs
         assert len(pairs) == expected_pairs, schedule
         assert all(gain == pytest.approx(RETURN_STEP) for _, gain in pairs)
