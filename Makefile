@@ -1,7 +1,7 @@
 # teamtr-verl: one-command setup, tests and demo on a CPU-only machine.
 #   make setup   create .venv with the CPU set (idempotent; re-runs only when pyproject.toml or the lock changes)
 #   make test    the test suite (sets up first if needed)
-#   make demo    the main job: a two-agent TeamTR run on tiny local models, then its summary
+#   make demo    the main job: a two-agent relay team learns with TeamTR on CPU, then its summary and plot
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -46,6 +46,7 @@ test-fast: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# The main job: a two-agent TeamTR run on the tiny fixtures through verl's stock entry point, then its summary.
+# The main job: a warm-started two-agent relay team trained with TeamTR through verl's stock entry point (15 stages),
+# then its summary and plot. STAGES=N make demo changes the number of stages.
 demo: setup
-	PY=$(abspath $(PY)) bash recipes/tiny_cpu/run_teamtr_cpu.sh .demo/teamtr_tiny_cpu
+	PY=$(abspath $(PY)) bash recipes/tiny_cpu/run_relay_demo.sh .demo/teamtr_relay_cpu
