@@ -1,6 +1,6 @@
-"""Curves of a TeamTR run from verl's file-logger metrics.
+"""Curves of a TeamTR run from verl's file-logger metrics or a saved console output.
 
-    python -m teamtr_verl.plot RUN_DIR_OR_METRICS.jsonl -o out.png
+    python -m teamtr_verl.plot RUN_DIR_OR_METRICS.jsonl_OR_CONSOLE.log -o out.png
 
 Panels: each agent's KL per update against its δ (committed and full-step), each agent's β, the team return, the
 certificate against the measured gain (cumulative), and the time of each stage split by phase and agent.
@@ -72,7 +72,7 @@ def plot(metrics_path: str | Path, out: str | Path) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m teamtr_verl.plot", description=__doc__.split("\n")[0])
-    parser.add_argument("metrics", help="a run directory or verl's file-logger metrics (.jsonl)")
+    parser.add_argument("metrics", help="a run directory, verl's file-logger metrics (.jsonl) or a console log")
     parser.add_argument("-o", "--out", default="teamtr_run.png")
     args = parser.parse_args(argv)
     try:

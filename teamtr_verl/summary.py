@@ -1,26 +1,63 @@
-"""A short, honest summary of a TeamTR run, read from verl's file-logger metrics (``trainer.logger=[...,file]``).
+"""A short, honest summary of a TeamTR run, read from verl's file-logger metrics (``trainer.logger=[...,file]``)
+or from a saved console output (``trainer.logger=[console]``).
 
-    python -m teamtr_verl.summary METRICS.jsonl
+    python -m teamtr_verl.summary METRICS.jsonl|CONSOLE.log
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
+from typing import Optional
+
+
+# verl's console logger: "step:3 - key:value - key:value ..." (behind Ray's "(TaskRunner pid=...)" prefix in a log)
+_CONSOLE_STEP = re.compile(r"step:(\d+) - (.*)$")
+_NUMPY_SCALAR = re.compile(r"^np\.\w+\((.*)\)$")  # e.g. np.float64(2.0), as verl prints numpy scalars
+
+
+def _console_value(text: str) -> Optional[float]:
+    match = _NUMPY_SCALAR.match(text)
+    try:
+        return float(match.group(1) if match else text)
+    except ValueError:
+        return None  # a non-numeric value (a string metric): not plotted
+
+
+def parse_console_log(text: str) -> list[tuple[int, dict]]:
+    """(step, metrics) for every console-logger line of a saved verl console output."""
+    rows = []
+    for line in text.splitlines():
+        match = _CONSOLE_STEP.search(line)
+        if match is None:
+            continue
+        data = {}
+        for item in match.group(2).split(" - "):
+            key, sep, value = item.partition(":")
+            number = _console_value(value.strip()) if sep else None
+            if number is not None:
+                data[key.strip()] = number
+        rows.append((int(match.group(1)), data))
+    return rows
 
 
 def load_stages(metrics_file: str | Path) -> dict[int, dict]:
-    """Per verl step (= TeamTR stage), the merged metrics of that step's lines."""
+    """Per verl step (= TeamTR stage), the merged metrics of that step's lines: verl's file-logger JSONL, or a saved
+    console output (any other file)."""
     path = Path(metrics_file)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run with trainer.logger='[console,file]' "
                                 "and VERL_FILE_LOGGER_PATH (or look under <project>/<experiment>.jsonl)")
+    if path.suffix == ".jsonl":
+        rows = [(int(row["step"]), row["data"]) for row in map(json.loads, path.read_text().splitlines())]
+    else:
+        rows = parse_console_log(path.read_text(errors="replace"))
     stages: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        stages.setdefault(int(row["step"]), {}).update(row["data"])
+    for step, data in rows:
+        stages.setdefault(step, {}).update(data)
     stages = {step: data for step, data in stages.items() if "teamtr/stage/return_mean" in data}
     if not stages:
         raise ValueError(f"{path} holds no teamtr/stage/* metrics: is it the metrics file of a trainer_mode=teamtr run?")

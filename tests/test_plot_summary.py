@@ -59,3 +59,22 @@ def test_return_verdict_compares_the_windows_against_their_noise():
     assert "did NOT improve" in summary.return_verdict([-0.8, 0.2, 1.2, 0.5, -0.2, 0.8, 1.8])
     assert "got worse" in summary.return_verdict([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
     assert "too few stages (5)" in summary.return_verdict([0.1] * 5)
+
+
+def test_console_output_gives_the_same_stages_as_the_metrics_file(tmp_path):
+    """verl's console logger line, as Ray prints it from the TaskRunner, numpy scalars and strings included."""
+    write_metrics(tmp_path / "m.jsonl")
+    from_file = summary.load_stages(tmp_path / "m.jsonl")
+    lines = ["\x1b[36m(TaskRunnerV1 pid=1)\x1b[0m Training Progress: 33%",
+             "\x1b[36m(TaskRunnerV1 pid=1)\x1b[0m step:0 - not-a-teamtr-line:1"]
+    for step, data in from_file.items():
+        items = [f"{k}:{v}" for k, v in data.items()] + ["num_turns/min:np.int32(2)", "note:hello"]
+        lines.append(f"\x1b[36m(TaskRunnerV1 pid=1)\x1b[0m step:{step} - " + " - ".join(items))
+    (tmp_path / "console.log").write_text("\n".join(lines) + "\n")
+    from_console = summary.load_stages(tmp_path / "console.log")
+    assert list(from_console) == list(from_file)
+    for step in from_file:
+        assert from_console[step].pop("num_turns/min") == 2.0 and "note" not in from_console[step]
+        assert from_console[step] == pytest.approx(from_file[step])
+    out = tmp_path / "console.png"
+    assert plot.main([str(tmp_path / "console.log"), "-o", str(out)]) == 0 and out.stat().st_size > 10_000
