@@ -1,106 +1,103 @@
-"""Time of a TeamTR stage split by phase, against the sum of its parts; peak memory; teamtr vs stale side by side.
+"""Time of a TeamTR stage split by phase, against the sum of its parts; peak memory; teamtr vs stale vs one GRPO step.
 
-    python benchmarks/bench_stage.py [--stages 4] [--schedules teamtr stale] [--out DIR]
+    python benchmarks/bench_stage.py [--agents 2 3] [--stages 4] [--schedules teamtr stale] [--grpo] [--out DIR]
 
-Runs the stock entry point (``python -m verl.trainer.main_ppo``, config ``teamtr_tiny_cpu``) on two tiny agents
-(alice: hidden 128; bob: hidden 64, own tokenizer), one run per schedule, one after the other, each under
-benchmarks/peak_memory.py. Reads verl's file-logger metrics and prints a markdown table of the steady-state stages
-(stage 1 holds vLLM's warm-up and is reported apart): per agent the time of generation, update (old log-probs +
-update + KL check + line search) and sync, the stage's wall time (verl's ``timing_s/step``), and the overhead
-ratio stage / sum of phases. Budget (issue): within 10 % of the sum; peak <= 12 GiB; a sync costs one agent.
+Runs the stock entry point (``python -m verl.trainer.main_ppo``) one run at a time, each under
+benchmarks/peak_memory.py: config ``teamtr_tiny_cpu`` on N tiny agents (alice: hidden 128; bob: hidden 64, own
+tokenizer; carol: hidden 128, a third tokenizer), one run per (N, schedule); with ``--grpo``, config ``grpo_tiny_cpu``:
+stock verl GRPO steps of alice alone on the same prompts (6 prompts x n=2 per step, 16 tokens per message). Reads
+verl's file-logger metrics and prints markdown tables of every stage (stage 1 holds vLLM's warm-up and is left out of
+the medians): per agent the time of generation, update (old log-probs + update + KL check + line search) and sync,
+the stage's wall time (verl's ``timing_s/step``), and the overhead ratio stage / sum of phases; then the median stage
+time of each run side by side with one GRPO step. Budget (issue): within 10 % of the sum; a sync costs one agent.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from verl_runs import header_lines, run_main_ppo, team_override
+
 PHASES = ("gen_s", "update_s", "sync_s")
+AGENTS = {"alice": dict(seed=0), "bob": dict(seed=1, hidden_size=64, num_heads=1), "carol": dict(seed=2)}
 
 
-def run(schedule: str, stages: int, workdir: Path, models: tuple[Path, Path], data: Path) -> tuple[dict, str]:
-    import teamtr_verl
-
-    config_dir = Path(teamtr_verl.__file__).parent / "configs"
-    metrics = workdir / f"{schedule}.jsonl"
-    command = [
-        sys.executable, str(HERE / "peak_memory.py"), "--", sys.executable, "-m", "verl.trainer.main_ppo",
-        f"--config-path={config_dir}", "--config-name=teamtr_tiny_cpu",
-        f"teamtr.agents=[{{name: alice, model: '{models[0]}'}}, {{name: bob, model: '{models[1]}'}}]",
-        f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
-        f"trainer.total_training_steps={stages}", "trainer.logger=[console,file]", f"teamtr.schedule={schedule}",
-        "trainer.resume_mode=disable", f"trainer.default_local_dir={workdir / schedule}",
-    ]
-    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        raise SystemExit(f"{schedule} run failed:\n{result.stderr[-3000:]}")
-    memory = [line for line in result.stdout.splitlines() if line.startswith("rc=")][-1]
-    rows: dict[int, dict] = {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row["data"])
-    return rows, memory
+def step_wall(data: dict) -> float:
+    return data["timing_s/step"] - data.get("timing_s/save_checkpoint", 0.0)
 
 
-def table(schedule: str, rows: dict[int, dict], memory: str) -> list[str]:
-    agents = ("alice", "bob")
-    out = [f"### schedule `{schedule}` ({memory})", "",
+def steady_median(rows: dict[int, dict]) -> float:
+    return statistics.median(step_wall(d) for step, d in rows.items() if step > 1)
+
+
+def phase_table(title: str, agents: list[str], rows: dict[int, dict], memory: str) -> list[str]:
+    out = [f"### {title} ({memory})", "",
            "| stage | " + " | ".join(f"{a} {p}" for a in agents for p in PHASES) + " | sum of phases | stage wall "
            "(timing_s/step) | overhead ratio |",
            "|---" * (2 + len(agents) * len(PHASES) + 2) + "|"]
     ratios = []
-    for stage, data in sorted(rows.items()):
+    for stage, data in rows.items():
         parts = [data.get(f"teamtr/{a}/{p}", 0.0) for a in agents for p in PHASES]
-        wall = data["timing_s/step"] - data.get("timing_s/save_checkpoint", 0.0)
-        ratio = wall / sum(parts)
+        ratio = step_wall(data) / sum(parts)
         if stage > 1:
             ratios.append(ratio)
         out.append(f"| {stage}{' (warm-up)' if stage == 1 else ''} | " + " | ".join(f"{v:.2f}" for v in parts)
-                   + f" | {sum(parts):.2f} | {wall:.2f} | {ratio:.3f} |")
+                   + f" | {sum(parts):.2f} | {step_wall(data):.2f} | {ratio:.3f} |")
     out += ["", f"Median overhead ratio of stages 2..{max(rows)}: **{statistics.median(ratios):.3f}**", ""]
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--agents", type=int, nargs="+", default=[2], choices=[2, 3])
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--schedules", nargs="+", default=["teamtr", "stale"])
+    parser.add_argument("--grpo", action="store_true", help="also time stock GRPO steps of one agent, same prompts")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     from teamtr_verl.fixtures import build_tiny_model, write_addition_dataset
 
-    import torch
-    import verl
-
-    workdir = Path(args.out or tempfile.mkdtemp(prefix="bench_stage_"))
-    models = (build_tiny_model(workdir / "alice", seed=0),
-              build_tiny_model(workdir / "bob", seed=1, hidden_size=64, num_heads=1))
+    workdir = Path(args.out or tempfile.mkdtemp(prefix="bench_stage_")).resolve()
+    models = {name: build_tiny_model(workdir / name, **kwargs) for name, kwargs in AGENTS.items()}
     data = write_addition_dataset(workdir / "data", n_train=64, n_val=4)
-    lines = ["## TeamTR stage time by phase (two tiny agents, CPU)", "",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-             f"- machine: {platform.machine()} {os.cpu_count()} logical CPUs; python {platform.python_version()}, "
-             f"torch {torch.__version__}, verl {verl.__version__}",
-             "- config teamtr_tiny_cpu: 4 prompts x n=2 per stage, chain of 2 turns, 16 tokens per message; seconds", ""]
-    stage_walls = {}
-    for schedule in args.schedules:
-        rows, memory = run(schedule, args.stages, workdir, models, data)
-        lines += table(schedule, rows, memory)
-        stage_walls[schedule] = statistics.median(
-            rows[s]["timing_s/step"] - rows[s].get("timing_s/save_checkpoint", 0.0) for s in rows if s > 1)
-    if "teamtr" in stage_walls and "stale" in stage_walls:
-        lines.append(f"Median stage wall time, teamtr / stale: {stage_walls['teamtr']:.2f} s / "
-                     f"{stage_walls['stale']:.2f} s = **{stage_walls['teamtr'] / stage_walls['stale']:.2f}x** "
-                     "(teamtr regenerates before each of the 2 updates, stale once per stage).")
+    common = [f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
+              f"trainer.total_training_steps={args.stages}",
+              # 6 prompts x n=2 = 12 rows: divisible by 1, 2 and 3 devices (verl's check) and by one micro-batch
+              "data.train_batch_size=6", "actor_rollout_ref.actor.ppo_mini_batch_size=6",
+              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=12",
+              "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=12"]
+    lines = header_lines("TeamTR stage time by phase (tiny agents, CPU)")
+    lines += ["- config teamtr_tiny_cpu: 6 prompts x n=2 per regeneration, chain of N turns, <= 16 tokens per message, "
+              "one logical device per agent, one mini-batch per update; GRPO: grpo_tiny_cpu on the same 6 prompts x n=2; "
+              "seconds", ""]
+    medians = {}
+    for n_agents in args.agents:
+        names = list(AGENTS)[:n_agents]
+        for schedule in args.schedules:
+            rows, memory = run_main_ppo("teamtr_tiny_cpu", common + [
+                team_override({name: models[name] for name in names}), f"trainer.n_gpus_per_node={n_agents}",
+                f"teamtr.schedule={schedule}", f"trainer.default_local_dir={workdir / f'n{n_agents}_{schedule}'}",
+            ], workdir / f"n{n_agents}_{schedule}.jsonl")
+            lines += phase_table(f"N = {n_agents}, schedule `{schedule}`", names, rows, memory)
+            medians[f"N = {n_agents}, `{schedule}` stage"] = steady_median(rows)
+    if args.grpo:
+        rows, memory = run_main_ppo("grpo_tiny_cpu", common + [
+            f"actor_rollout_ref.model.path={models['alice']}", f"trainer.default_local_dir={workdir / 'grpo'}",
+        ], workdir / "grpo.jsonl")
+        walls = ", ".join(f"{step_wall(d):.2f}" for d in rows.values())
+        lines += [f"### one agent, stock GRPO ({memory})", "", f"Step wall times (s): {walls}", ""]
+        medians["one stock verl GRPO step (alice alone)"] = steady_median(rows)
+    reference = medians.get("one stock verl GRPO step (alice alone)")
+    lines += ["### Side by side (medians of stages/steps 2..N, one run each, same prompts)", "",
+              "| run | median stage / step (s) | vs N = 2 stale | vs one GRPO step |", "|---|---:|---:|---:|"]
+    stale2 = medians.get("N = 2, `stale` stage")
+    for name, value in medians.items():
+        lines.append(f"| {name} | {value:.2f} | {value / stale2 if stale2 else float('nan'):.2f} | "
+                     f"{value / reference if reference else float('nan'):.2f} |")
     print("\n".join(lines))
     return 0
 
