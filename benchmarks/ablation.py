@@ -54,10 +54,23 @@ def run_one(out: Path, n_agents: int, seed: int, schedule: str, stages: int, pro
     return rows
 
 
+def return_within_episodes(rows: dict[int, dict], episodes: int) -> float:
+    """The team return measured last before more than ``episodes`` episodes had been generated (a stage's first
+    regeneration measures the team that the episodes of the earlier stages trained)."""
+    generated, measured = 0, rows[min(rows)]["teamtr/stage/return_mean"]
+    for data in rows.values():
+        if generated > episodes:
+            break
+        measured = data["teamtr/stage/return_mean"]
+        generated += data["teamtr/stage/episodes"]
+    return measured
+
+
 def summarize_run(rows: dict[int, dict], names: tuple[str, ...]) -> dict:
     stages = list(rows.values())
     updates = len(stages) * len(names)
     return {
+        "rows": rows,
         "final_return": statistics.mean(d["teamtr/stage/return_mean"] for d in stages[-2:]),
         "first_return": stages[0]["teamtr/stage/return_mean"],
         "negative": sum(d.get("teamtr/stage/negative_gains", 0) for d in stages),
@@ -88,6 +101,7 @@ def main() -> int:
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     means = []
     for n_agents in args.agents:
+        per_schedule = {}
         for schedule in args.schedules:
             results = []
             for seed in args.seeds:
@@ -98,15 +112,22 @@ def main() -> int:
                              f"{result['final_return']:.3f} | {result['negative']}/{result['measured']} | "
                              f"{result['full_step_outside']:.2f} | {result['committed_outside']} | "
                              f"{result['episodes']} | {result['stage_s']:.1f} |")
+            per_schedule[schedule] = results
+        # equal-budget view: teamtr generates more episodes per stage than stale/joint
+        budget = min(sum(r["episodes"] for r in results) // len(results) for results in per_schedule.values())
+        for schedule, results in per_schedule.items():
             finals = [r["final_return"] for r in results]
             spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+            at_budget = statistics.mean(return_within_episodes(r["rows"], budget) for r in results)
             means.append(f"| {n_agents} | {schedule} | {statistics.mean(finals):.3f} ± {spread:.3f} | "
+                         f"{at_budget:.3f} ({budget}) | "
                          f"{sum(r['negative'] for r in results)}/{sum(r['measured'] for r in results)} | "
                          f"{statistics.mean(r['full_step_outside'] for r in results):.2f} | "
                          f"{sum(r['episodes'] for r in results)} |")
     lines += ["", "Over seeds (final return: mean ± standard deviation over seeds):", "",
-              "| N | schedule | final team return | negative measured gains | full steps outside delta | episodes |",
-              "|---|---|---:|---:|---:|---:|", *means]
+              "| N | schedule | final team return | return within equal episodes (budget) | negative measured gains | "
+              "full steps outside delta | episodes |",
+              "|---|---|---:|---:|---:|---:|---:|", *means]
     print("\n".join(lines))
     return 0
 
