@@ -11,6 +11,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from statistics import mean, variance
 from typing import Optional
 
 
@@ -76,10 +77,8 @@ def return_verdict(returns: list[float], window: int = 3) -> str:
     if len(returns) < 2 * window:
         return f"verdict: too few stages ({len(returns)}) to judge an improvement (needs {2 * window})"
     head, tail = returns[:window], returns[-window:]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    var = lambda xs: sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)  # noqa: E731
     diff = mean(tail) - mean(head)
-    noise = 2 * math.sqrt((var(head) + var(tail)) / window)
+    noise = 2 * math.sqrt((variance(head) + variance(tail)) / window)  # sample variances (n - 1)
     words = ("improved" if diff > noise else "got worse" if diff < -noise
              else "did NOT improve measurably in this budget")
     return (f"verdict: the team return {words} (first {window} stages {mean(head):.3f}, last {window} "
