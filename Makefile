@@ -1,6 +1,6 @@
 # teamtr-verl: one-command setup, tests and demo on a CPU-only machine.
 #   make setup   create .venv with the CPU set (idempotent; re-runs only when pyproject.toml or the lock changes)
-#   make test    the test suite (sets up first if needed)
+#   make test    ruff, then the test suite (sets up first if needed)
 #   make demo    the main job: a two-agent relay team learns with TeamTR on CPU, then its summary and plot
 SHELL := /bin/bash
 VENV ?= .venv
@@ -37,10 +37,12 @@ $(STAMP): pyproject.toml requirements/cpu.lock.txt
 	touch $(STAMP)
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything but the end-to-end runs that start Ray + vLLM.
 test-fast: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 clean-venv:

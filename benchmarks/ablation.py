@@ -1,4 +1,4 @@
-"""Ablation: the `teamtr`, `stale` and `joint` schedules on the relay task, for N = 2 and 3 agents and several seeds.
+"""Ablation: the `teamtr`, `stale` and `happo` schedules on the relay task, for N = 2 and 3 agents and several seeds.
 
     python benchmarks/ablation.py [--agents 2 3] [--seeds 0 1 2] [--stages 6] [--out DIR]
 
@@ -22,36 +22,23 @@ import statistics
 import sys
 from pathlib import Path
 
-from verl_runs import header_lines, read_metrics, run_main_ppo, team_override
+from verl_runs import header_lines, relay_run
 
 NAMES = ("alice", "bob", "carol")
-SCHEDULES = ("teamtr", "stale", "joint")
+SCHEDULES = ("teamtr", "stale", "happo")
 PROMPTS = {2: 16, 3: 18}  # per regeneration, by team size
 
 
 def run_one(out: Path, n_agents: int, seed: int, schedule: str, stages: int, prompts: int) -> dict[int, dict]:
-    from teamtr_verl.fixtures.relay import build_relay_team
-
-    names = NAMES[:n_agents]
-    team = out / f"team_n{n_agents}_s{seed}"
-    if not (team / "data" / "train.parquet").is_file():
-        build_relay_team(team, names, seed=seed)
-    metrics = out / f"n{n_agents}_s{seed}_{schedule}.jsonl"
-    if metrics.is_file() and len(read_metrics(metrics)) >= stages:
-        return read_metrics(metrics)
-    rows, memory = run_main_ppo("teamtr_relay_cpu", [
-        team_override({name: team / name for name in names}),
-        f"data.train_files={team / 'data' / 'train.parquet'}", f"data.val_files={team / 'data' / 'test.parquet'}",
+    return relay_run(out / f"team_n{n_agents}_s{seed}", NAMES[:n_agents], seed,
+                     out / f"n{n_agents}_s{seed}_{schedule}.jsonl", stages, [
         f"trainer.n_gpus_per_node={n_agents}", f"teamtr.schedule={schedule}", f"data.train_batch_size={prompts}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts // 2}",
         # verl's fixed micro-batch path needs the rows to divide into micro-batches: one micro-batch per mini-batch
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={prompts // 2 * 8}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={prompts // 2 * 8}",
-        f"data.seed={seed}", f"trainer.total_training_steps={stages}",
         f"trainer.default_local_dir={out / 'ckpt'}", f"trainer.experiment_name=ablation_n{n_agents}_s{seed}_{schedule}",
-    ], metrics)
-    print(f"n={n_agents} seed={seed} {schedule}: {memory}", flush=True)
-    return rows
+    ], f"n={n_agents} seed={seed} {schedule}")
 
 
 def return_within_episodes(rows: dict[int, dict], episodes: int) -> float:
@@ -93,7 +80,7 @@ def main() -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    lines = header_lines("Ablation: teamtr vs stale vs joint on the relay task")
+    lines = header_lines("Ablation: teamtr vs stale vs happo on the relay task")
     lines += [f"- budget per run: {args.stages} stages; per regeneration {PROMPTS} prompts (by N) x 8 samples; "
               f"lr 2e-3, delta 0.05, 2 mini-batches (gradient steps) per update; seeds {args.seeds}", "",
               "| N | schedule | seed | team return, stage 1 | final team return | negative measured gains | "
@@ -113,7 +100,7 @@ def main() -> int:
                              f"{result['full_step_outside']:.2f} | {result['committed_outside']} | "
                              f"{result['episodes']} | {result['stage_s']:.1f} |")
             per_schedule[schedule] = results
-        # equal-budget view: teamtr generates more episodes per stage than stale/joint
+        # equal-budget view: teamtr generates more episodes per stage than stale/happo
         budget = min(sum(r["episodes"] for r in results) // len(results) for results in per_schedule.values())
         for schedule, results in per_schedule.items():
             finals = [r["final_return"] for r in results]

@@ -388,7 +388,7 @@ def verdict(ok: bool) -> str:
 
 
 def report(results: list[dict], args) -> str:
-    out = [f"### Team rollout on CPU: tiny agents, split placement\n",
+    out = ["### Team rollout on CPU: tiny agents, split placement\n",
            f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
            f"- machine: {machine()}",
            f"- {versions()}",
@@ -397,8 +397,8 @@ def report(results: list[dict], args) -> str:
            f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB per server, vLLM prefix caching "
            f"{'on' if args.prefix_caching else 'off'}",
            "- load (1-min average) before each measured section: " + "; ".join(
-               f"{l['section']} {l['load_before']}" + (f" (waited {l['waited_s']:.0f} s)" if l.get("waited_s") else "")
-               for r in results for l in r["loads"]) + "\n"]
+               f"{load['section']} {load['load_before']}" + (f" (waited {load['waited_s']:.0f} s)" if load.get("waited_s") else "")
+               for r in results for load in r["loads"]) + "\n"]
     out += ["| agents | `ray.init` (s) | `build_team_stacks` (s) | start-up budget | peak USS, set-up (GiB) | "
             "peak USS, whole run (GiB) | peak RSS (GiB) | system used delta (GiB) | processes | memory budget | "
             "other jobs during set-up (cores) |",

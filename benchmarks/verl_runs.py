@@ -6,50 +6,28 @@ Shared by the benchmark and ablation scripts in this folder (run them as ``pytho
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
+
+from teamtr_verl import runs
+from teamtr_verl.runs import read_metrics, team_override  # noqa: F401 (the scripts import them from here)
 
 HERE = Path(__file__).resolve().parent
 
 
-def config_dir() -> Path:
-    import teamtr_verl
-
-    return Path(teamtr_verl.__file__).parent / "configs"
-
-
-def team_override(agents: dict[str, Path]) -> str:
-    """``teamtr.agents=[{name: a, model: '/p/a'}, ...]`` for the given name -> model directory mapping."""
-    return "teamtr.agents=[" + ", ".join(f"{{name: {name}, model: '{path}'}}" for name, path in agents.items()) + "]"
-
-
 def run_main_ppo(config_name: str, overrides: list[str], metrics: Path, timeout_s: int = 3600) -> tuple[dict, str]:
-    """Run verl's entry point with ``config_name`` from teamtr_verl/configs plus ``overrides``; return
-    ({step: merged metrics}, the peak-memory line ``rc=... wall_s=... peak_tree_uss_gib=...``)."""
-    command = [
-        sys.executable, str(HERE / "peak_memory.py"), "--", sys.executable, "-m", "verl.trainer.main_ppo",
-        f"--config-path={config_dir()}", f"--config-name={config_name}",
-        "trainer.logger=[console,file]", "trainer.resume_mode=disable", *overrides,
-    ]
+    """Run verl's entry point with ``config_name`` from teamtr_verl/configs plus ``overrides`` under peak_memory.py;
+    return ({step: merged metrics}, the peak-memory line ``rc=... wall_s=... peak_tree_uss_gib=...``)."""
     metrics.unlink(missing_ok=True)
-    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    result, rows = runs.run_main_ppo(config_name, ["trainer.resume_mode=disable", *overrides], metrics.parent,
+                                     timeout=timeout_s, prefix=[sys.executable, str(HERE / "peak_memory.py"), "--"],
+                                     metrics_file=metrics)
     if result.returncode != 0:
         raise SystemExit(f"{config_name} run failed ({' '.join(overrides)}):\n{result.stderr[-3000:]}")
     memory = [line for line in result.stdout.splitlines() if line.startswith("rc=")][-1]
-    return read_metrics(metrics), memory
-
-
-def read_metrics(metrics: Path) -> dict[int, dict]:
-    rows: dict[int, dict] = {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(int(row["step"]), {}).update(row["data"])
-    return dict(sorted(rows.items()))
+    return rows, memory
 
 
 def header_lines(title: str) -> list[str]:
@@ -62,3 +40,22 @@ def header_lines(title: str) -> list[str]:
             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
             f"- machine: {platform.machine()} {os.cpu_count()} logical CPUs, no GPU; python {platform.python_version()}, "
             f"torch {torch.__version__}, verl {verl.__version__}, vllm {vllm.__version__}", ""]
+
+
+def relay_run(team: Path, names: tuple[str, ...], seed: int, metrics: Path, stages: int, overrides: list[str],
+              label: str) -> dict[int, dict]:
+    """A relay team built once per (names, seed) into ``team``, trained with the demo config for ``stages`` stages;
+    complete metrics already in ``metrics`` are reused (an interrupted sweep continues where it stopped)."""
+    from teamtr_verl.fixtures.relay import build_relay_team
+
+    if not (team / "data" / "train.parquet").is_file():
+        build_relay_team(team, names, seed=seed)
+    if metrics.is_file() and len(read_metrics(metrics)) >= stages:
+        return read_metrics(metrics)
+    rows, memory = run_main_ppo("teamtr_relay_cpu", [
+        team_override({name: team / name for name in names}),
+        f"data.train_files={team / 'data' / 'train.parquet'}", f"data.val_files={team / 'data' / 'test.parquet'}",
+        f"data.seed={seed}", f"trainer.total_training_steps={stages}", *overrides,
+    ], metrics)
+    print(f"{label}: {memory}", flush=True)
+    return rows

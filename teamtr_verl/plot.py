@@ -3,19 +3,21 @@
     python -m teamtr_verl.plot RUN_DIR_OR_METRICS.jsonl_OR_CONSOLE.log -o out.png
 
 Panels: each agent's KL per update against its δ (committed and full-step), each agent's β, the team return, the
-certificate against the measured gain (cumulative), and the time of each stage split by phase and agent.
-A directory is searched for ``*.jsonl`` metrics files (the newest is used).
+certificate against the paired gain (cumulative, per update), and the time of each stage split by phase and agent.
+A directory is searched for ``*.jsonl`` metrics files (the newest is used). A resumed run's metrics file is drawn as
+one run, each stage once (see :func:`teamtr_verl.summary.load_stages`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from itertools import accumulate
 from pathlib import Path
 
-from teamtr_verl.summary import agents_of, load_stages
+from teamtr_verl.summary import agents_of, load_stages, update_records
 
-PANELS = ("KL per update vs δ", "β per agent", "team return", "certificate vs measured gain", "stage time by phase")
+PANELS = ("KL per update vs δ", "β per agent", "team return", "certificate vs paired gain (per update)", "stage time by phase")
 PHASES = ("gen_s", "update_s", "sync_s")
 
 
@@ -51,8 +53,11 @@ def plot(metrics_path: str | Path, out: str | Path) -> list[str]:
         beta_ax.plot(steps, series(f"teamtr/{agent}/beta"), marker="o", label=agent)
     kl_ax.set_yscale("log")
     ret_ax.plot(steps, series("teamtr/stage/return_mean"), marker="o")
-    cert_ax.plot(steps, series("teamtr/stage/certificate_sum"), marker="o", label="certificate (cumulative)")
-    cert_ax.plot(steps, series("teamtr/stage/measured_gain_sum"), marker="s", label="measured gain (cumulative)")
+    pairs = [(r["bound"], r["gain"]) for r in update_records(stages) if r["bound"] is not None and r["gain"] is not None]
+    if pairs:  # per update, in order: the cumulative bound under the cumulative paired gain (paper Fig. 4b)
+        index = list(range(1, len(pairs) + 1))
+        cert_ax.plot(index, list(accumulate(b for b, _ in pairs)), marker="o", label="Σ bound")
+        cert_ax.plot(index, list(accumulate(g for _, g in pairs)), marker="s", label="Σ paired gain")
     bottom = [0.0] * len(steps)
     for agent in agents:
         for phase in PHASES:
@@ -61,7 +66,7 @@ def plot(metrics_path: str | Path, out: str | Path) -> list[str]:
             bottom = [b + v for b, v in zip(bottom, values)]
     for ax, title in zip(axes, PANELS):
         ax.set_title(title)
-        ax.set_xlabel("stage")
+        ax.set_xlabel("update" if ax is cert_ax else "stage")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()

@@ -14,11 +14,10 @@ import torch
 import transfer_queue as tq
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
-
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
 from teamtr_verl.algos import teamtr_row_advantage
-from teamtr_verl.team import AGENT_FIELD
+from teamtr_verl.defaults import AGENT_FIELD
 
 
 @dataclass
@@ -34,6 +33,8 @@ class TeamRollout:
         return_mean: mean team return over trajectories (the J of the measured gain).
         group_std_mean: mean σ of the prompt groups (converts advantage units back to returns).
         expected_trajectories: prompts × rollout.n; fewer arrived when a reward failed (verl dropped them).
+        prompt_of: per uid, the index of its prompt in the stage's batch (stable across a stage's regenerations,
+            while uids are fresh each time): an episode is (prompt index, session).
     """
 
     meta: KVBatchMeta
@@ -46,19 +47,42 @@ class TeamRollout:
     return_mean: float
     group_std_mean: float
     expected_trajectories: int
+    prompt_of: dict[str, int]
 
-    def rows_of(self, agent: str) -> list[int]:
-        return [i for i, name in enumerate(self.agent) if name == agent]
+    def __post_init__(self) -> None:
+        self.row_of_key = {key: i for i, key in enumerate(self.meta.keys)}
+        self.trajectories = sorted(self.returns)  # one fixed order: the index of a trajectory in per-τ tensors
+        self.trajectory_code = {t: i for i, t in enumerate(self.trajectories)}
 
-    def keys_of(self, agent: str) -> list[str]:
-        return [self.meta.keys[i] for i in self.rows_of(agent)]
+    def episode(self, trajectory: str) -> tuple[int, int]:
+        """(prompt index, session) of a trajectory ``{uid}_{session}``: the same episode in every regeneration."""
+        uid, session = trajectory.rsplit("_", 1)
+        return self.prompt_of[uid], int(session)
+
+    def is_heldout(self, trajectory: str, heldout_prompts: frozenset[int]) -> bool:
+        return self.episode(trajectory)[0] in heldout_prompts
+
+    def rows_of(self, agent: str, heldout_prompts: frozenset[int] | None = None, heldout: bool = False) -> list[int]:
+        """Rows written by ``agent``; with ``heldout_prompts``, only the held-out (``heldout=True``) or the trained
+        ones."""
+        rows = [i for i, name in enumerate(self.agent) if name == agent]
+        if heldout_prompts is None:
+            return rows
+        return [i for i in rows if self.is_heldout(self.trajectory[i], heldout_prompts) == heldout]
+
+    def keys_of(self, agent: str, heldout_prompts: frozenset[int] | None = None, heldout: bool = False) -> list[str]:
+        return [self.meta.keys[i] for i in self.rows_of(agent, heldout_prompts, heldout)]
+
+    def episode_returns(self) -> dict[tuple[int, int], float]:
+        return {self.episode(t): r for t, r in self.returns.items()}
 
     @property
     def dropped_trajectories(self) -> int:
         return self.expected_trajectories - len(self.returns)
 
 
-def read_team_rollout(meta: KVBatchMeta, expected_trajectories: int, a_clip: float, norm_eps: float) -> TeamRollout:
+def read_team_rollout(meta: KVBatchMeta, expected_trajectories: int, a_clip: float, norm_eps: float,
+                      prompt_of: dict[str, int]) -> TeamRollout:
     """Read a regeneration's rows from TransferQueue and compute Eq. 9 over its team trajectories."""
     data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id,
                            select_fields=["uid", "rm_scores", "response_mask", "extra_fields"])
@@ -84,6 +108,7 @@ def read_team_rollout(meta: KVBatchMeta, expected_trajectories: int, a_clip: flo
         return_mean=float(np.mean(list(returns.values()))),
         group_std_mean=float(np.mean(list(group_std.values()))),
         expected_trajectories=expected_trajectories,
+        prompt_of=prompt_of,
     )
 
 

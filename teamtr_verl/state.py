@@ -12,13 +12,14 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+from teamtr_verl import algos
 from teamtr_verl.algos import BetaState
 from teamtr_verl.config import TeamConfig
 
 STATE_FILE = "teamtr_state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -32,13 +33,11 @@ class TeamTRState:
         order_rng_state: ``random.Random.getstate()`` of the update-order RNG, JSON-encoded.
         beta: per agent, its :class:`~teamtr_verl.algos.BetaState` as a dict.
         kl_history: per agent, the measured KL of each committed update, in order.
-        certificate_sum: Σ over stages of the stage certificate.
-        measured_gain_sum: Σ over stages of the measured gain (change of the mean team return).
-        last_return_mean: mean team return of the last regeneration (the baseline of the next measured gain).
-        updates_history: per update: stage, agent, its bound, and its measured gain once the next regeneration
-            measured it.
-        gain_pairs: [summed bound, measured gain] of the updates between two consecutive regenerations (one update
-            under ``teamtr``, a whole stage under ``stale``): the calibration and rank correlation are over these.
+        ledger: one dict per agent update, in order (stage, agent, committed, kl, alpha, bound, its point/se, the
+            importance-sampled gain ``is_gain``/``is_gain_se`` and, once measured, the paired ``crn_gain``/``_se``).
+        gain_pairs: [summed bound, paired gain] of the committed updates between two regenerations of the same
+            prompts (one update under ``teamtr``; a whole stage under ``stale``/``happo``): the certificate's
+            calibration and rank correlation are computed over these.
     """
 
     agent_names: list[str]
@@ -47,10 +46,7 @@ class TeamTRState:
     order_rng_state: Any = None
     beta: dict[str, dict] = field(default_factory=dict)
     kl_history: dict[str, list[float]] = field(default_factory=dict)
-    certificate_sum: float = 0.0
-    measured_gain_sum: float = 0.0
-    last_return_mean: Optional[float] = None
-    updates_history: list[dict] = field(default_factory=list)
+    ledger: list[dict] = field(default_factory=list)
     gain_pairs: list[list[float]] = field(default_factory=list)
 
     @classmethod
@@ -70,6 +66,40 @@ class TeamTRState:
 
     def set_beta_state(self, name: str, state: BetaState) -> None:
         self.beta[name] = state.to_dict()
+
+    # -- the certificate ledger ----------------------------------------------------------------------------------------
+    def record_update(self, entry: dict) -> None:
+        """Log one agent update; its paired gain comes later, from :meth:`record_paired_gain`."""
+        self.ledger.append({**entry, "crn_gain": None, "crn_gain_se": None, "measured": False})
+        if entry.get("committed"):
+            self.kl_history[entry["agent"]].append(entry["kl"])
+
+    def record_paired_gain(self, gain: algos.GainEstimate, stage: int) -> list[dict]:
+        """Attribute a paired gain (two regenerations of the same episodes of ``stage``) to the updates made between
+        them; returns those updates. Several updates (stale) share one pair: their bounds add up. An update of an
+        earlier stage left unmeasured (no closing regeneration) is never paired with another stage's episodes."""
+        pending = [u for u in self.ledger if not u["measured"] and u["stage"] == stage]
+        for update in pending:
+            update["measured"] = True
+            update["crn_gain"], update["crn_gain_se"] = gain.mean, gain.se
+        bounds = [u["bound"] for u in pending if u.get("committed") and u.get("bound") is not None]
+        if bounds and len(bounds) == sum(1 for u in pending if u.get("committed")):
+            self.gain_pairs.append([float(sum(bounds)), gain.mean])
+        return pending
+
+    def certificate_stats(self) -> dict[str, float]:
+        """Calibration (fraction of pairs with gain >= bound), Spearman per pair and on the cumulative series."""
+        if not self.gain_pairs:
+            return {}
+        bounds, gains = zip(*self.gain_pairs)
+        stats = {"calibration": algos.calibration_fraction(bounds, gains), "pairs": float(len(bounds)),
+                 "bound_sum": float(sum(bounds)), "gain_sum": float(sum(gains))}
+        if len(bounds) >= 3:
+            for name, value in (("spearman", algos.spearman_rank_correlation(bounds, gains)),
+                                ("spearman_cumulative", algos.cumulative_spearman(bounds, gains))):
+                if value == value:  # NaN when a series is constant
+                    stats[name] = value
+        return stats
 
     # -- the update order of a stage ----------------------------------------------------------------------------------
     def next_order(self, team: TeamConfig) -> list[str]:

@@ -1,5 +1,5 @@
 """A short, honest summary of a TeamTR run, read from verl's file-logger metrics (``trainer.logger=[...,file]``)
-or from a saved console output (``trainer.logger=[console]``).
+or from a saved console output (``trainer.logger=[console]``). A resumed run, appended to the same file, reads as one.
 
     python -m teamtr_verl.summary METRICS.jsonl|CONSOLE.log
 """
@@ -11,9 +11,8 @@ import math
 import re
 import sys
 from pathlib import Path
-from statistics import mean, variance
+from statistics import mean, median, variance
 from typing import Optional
-
 
 # verl's console logger: "step:3 - key:value - key:value ..." (behind Ray's "(TaskRunner pid=...)" prefix in a log)
 _CONSOLE_STEP = re.compile(r"step:(\d+) - (.*)$")
@@ -45,21 +44,65 @@ def parse_console_log(text: str) -> list[tuple[int, dict]]:
     return rows
 
 
+STAGE_KEY = "teamtr/stage/return_mean"  # present on the line of every logged TeamTR stage
+
+
+def parse_metrics_jsonl(text: str) -> list[tuple[int, dict]]:
+    """(step, data) for every line of verl's file-logger JSONL. A line that is not whole JSON (the last line of a run
+    killed while writing it) is skipped: the run that resumed after it is still readable."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+            rows.append((int(row["step"]), row["data"]))
+        except (ValueError, TypeError, KeyError):
+            continue
+    return rows
+
+
+def occurrences(rows: list[tuple[int, dict]]) -> list[tuple[int, dict, bool]]:
+    """Group logged lines into occurrences of a step: ``(step, merged data, restarts)``, in file order.
+
+    verl may log one step in several consecutive lines (e.g. its validation metrics), each with its own keys: those
+    merge. A resumed run appends to the same file, so a step can occur again: a line whose step is lower than the
+    previous line's, or equal to it but repeating a key already logged for it, starts a new occurrence that
+    ``restarts`` the run from that step.
+    """
+    grouped: list[tuple[int, dict, bool]] = []
+    for step, data in rows:
+        if grouped:
+            last_step, last_data, _ = grouped[-1]
+            if step == last_step and not last_data.keys() & data.keys():
+                last_data.update(data)
+                continue
+        restarts = bool(grouped) and step <= grouped[-1][0]
+        grouped.append((step, dict(data), restarts))
+    return grouped
+
+
 def load_stages(metrics_file: str | Path) -> dict[int, dict]:
-    """Per verl step (= TeamTR stage), the merged metrics of that step's lines: verl's file-logger JSONL, or a saved
-    console output (any other file)."""
+    """Per verl step (= TeamTR stage), the metrics of that step: verl's file-logger JSONL, or a saved console output
+    (any other file).
+
+    A resumed run (or a new run logged into the same file) is read as one run: where it restarts from step s, the
+    stages the earlier run logged after s are dropped (the resumed run redoes them from s's checkpoint), and each
+    stage is the latest occurrence of it, whole (the keys of two occurrences are never mixed). An occurrence
+    without teamtr stage metrics (the validation verl runs at the resume step) is not a stage.
+    """
     path = Path(metrics_file)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run with trainer.logger='[console,file]' "
                                 "and VERL_FILE_LOGGER_PATH (or look under <project>/<experiment>.jsonl)")
     if path.suffix == ".jsonl":
-        rows = [(int(row["step"]), row["data"]) for row in map(json.loads, path.read_text().splitlines())]
+        rows = parse_metrics_jsonl(path.read_text(errors="replace"))
     else:
         rows = parse_console_log(path.read_text(errors="replace"))
     stages: dict[int, dict] = {}
-    for step, data in rows:
-        stages.setdefault(step, {}).update(data)
-    stages = {step: data for step, data in stages.items() if "teamtr/stage/return_mean" in data}
+    for step, data, restarts in occurrences(rows):
+        if restarts:
+            stages = {s: d for s, d in stages.items() if s <= step}
+        if STAGE_KEY in data:
+            stages[step] = data
     if not stages:
         raise ValueError(f"{path} holds no teamtr/stage/* metrics: is it the metrics file of a trainer_mode=teamtr run?")
     return dict(sorted(stages.items()))
@@ -103,13 +146,73 @@ def summarize(stages: dict[int, dict]) -> str:
             f"updates committed; {int(outside)} full steps left the region; {int(backtracks)} backtracks; "
             f"beta {last.get(f'teamtr/{agent}/beta', math.nan):.3g}"
         )
-    cert = last.get("teamtr/stage/certificate_sum")
-    gain = last.get("teamtr/stage/measured_gain_sum")
-    if cert is not None and gain is not None:
-        lines.append(f"  certificate (sum of stage bounds) {cert:.4f} vs measured gain (sum) {gain:.4f}; "
-                     f"calibration {last.get('teamtr/stage/calibration', math.nan):.2f}, "
-                     f"rank correlation {last.get('teamtr/stage/rank_correlation', math.nan):.2f}")
+    report = certificate_report([stages])
+    if report["updates"]:
+        lines.append(
+            f"  certificate: {report['updates']} updates with a bound and a paired gain; calibration "
+            f"{report['calibration']:.2f} (gain >= bound), Spearman {report['spearman']:.2f} per update, "
+            f"{report['spearman_cumulative']:.2f} cumulative; sum of bounds {report['bound_sum']:+.4f} vs paired gains "
+            f"{report['gain_sum']:+.4f}")
+        lines.append(
+            f"  gain estimates: median SE paired (CRN) {report['se_paired']:.4f}, importance-sampled (held-out) "
+            f"{report['se_is']:.4f}; backtracks per update {report['backtracks']:.2f}; committed KL used "
+            f"{report['delta_used']:.0%} of delta (median)")
     return "\n".join(lines)
+
+
+def update_records(stages: dict) -> list[dict]:
+    """One record per agent update that has a bound and a paired gain (teamtr schedule: one update per pair)."""
+    records = []
+    for step, data in stages.items():
+        for agent in agents_of({step: data}):
+            p = f"teamtr/{agent}/"
+            if p + "committed" not in data:
+                continue
+            records.append({"stage": step, "agent": agent, "committed": data[p + "committed"],
+                            "bound": data.get(p + "bound"), "gain": data.get(p + "crn_gain"),
+                            "se_paired": data.get(p + "crn_gain_se"), "se_is": data.get(p + "is_gain_se"),
+                            "backtracks": data.get(p + "backtracks", 0.0), "delta_used": data.get(p + "delta_used"),
+                            "position": data.get(p + "position", 0)})
+    return sorted(records, key=lambda r: (r["stage"], r["position"]))
+
+
+def certificate_report(runs: list[dict]) -> dict:
+    """How informative the certificate was over one or more runs (each ``{stage: metrics}``): calibration and
+    Spearman of (bound, paired gain) per update pooled over runs; the cumulative Spearman is per run, then averaged
+    (cumulative series of different runs do not concatenate); medians of the gain estimates' standard errors."""
+    from teamtr_verl import algos
+
+    pairs, cumulative, records_all = [], [], []
+    for stages in runs:
+        records = update_records(stages)
+        records_all += records
+        run_pairs = [(r["bound"], r["gain"]) for r in records if r["bound"] is not None and r["gain"] is not None]
+        pairs += run_pairs
+        if len(run_pairs) >= 3:
+            cumulative.append(algos.cumulative_spearman(*zip(*run_pairs)))
+    nan = math.nan
+
+    def median_of(key):
+        values = [r[key] for r in records_all if r.get(key) is not None and math.isfinite(r[key])]
+        return median(values) if values else nan
+
+    report = {"updates": len(pairs), "calibration": nan, "spearman": nan, "spearman_cumulative": nan,
+              "bound_sum": nan, "gain_sum": nan, "se_paired": median_of("se_paired"), "se_is": median_of("se_is"),
+              "backtracks": mean(r["backtracks"] for r in records_all) if records_all else nan,
+              "delta_used": median_of("delta_used"),
+              "give_ups": sum(1 for r in records_all if not r["committed"])}
+    if pairs:
+        bounds, gains = zip(*pairs)
+        report.update(calibration=algos.calibration_fraction(bounds, gains), bound_sum=sum(bounds),
+                      gain_sum=sum(gains))
+        if len(pairs) >= 3:
+            report["spearman"] = algos.spearman_rank_correlation(bounds, gains)
+    if cumulative:
+        report["spearman_cumulative"] = mean(c for c in cumulative if math.isfinite(c)) if any(
+            math.isfinite(c) for c in cumulative) else nan
+    returns = [d["teamtr/stage/return_mean"] for stages in runs for d in [stages[min(stages)], stages[max(stages)]]]
+    report["return_first"], report["return_last"] = mean(returns[0::2]), mean(returns[1::2])
+    return report
 
 
 def main(argv=None) -> int:

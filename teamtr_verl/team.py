@@ -13,18 +13,18 @@ import logging
 import math
 import os
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 from uuid import uuid4
 
 import ray
 from omegaconf import DictConfig
-
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
 from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
 from verl.utils.profiler import simple_timer
 from verl.workers.rollout.llm_server import LLMServerClient
 
 from teamtr_verl.config import TeamConfig
+from teamtr_verl.defaults import AGENT_FIELD, AGENT_LOOP_NAME
 from teamtr_verl.team_logic import (
     Message,
     agent_view,
@@ -33,17 +33,21 @@ from teamtr_verl.team_logic import (
     check_agent_views,
     episode_key,
     router_schedule,
+    transcript_visible,
+    turn_seed,
 )
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
-AGENT_LOOP_NAME = "teamtr_handoff"
 # Keys this module writes into each AgentLoopOutput.extra_fields (they reach the trainer through TransferQueue).
-AGENT_FIELD, TURN_FIELD = "teamtr_agent", "teamtr_turn"
+TURN_FIELD = "teamtr_turn"
 ANSWER_FIELD, TRANSCRIPT_FIELD = "teamtr_answer", "teamtr_transcript"
 # sampling kwarg the routing client pops to choose the server set
 ROUTE_KWARG = "teamtr_agent"
+# dataset-row field the trainer sets per prompt: the base of the episode's per-turn sampling seeds (common random
+# numbers: every regeneration of a stage samples each (prompt, sample, turn) with the same seed)
+SEED_FIELD = "teamtr_seed"
 
 
 class TeamRewardError(RuntimeError):
@@ -120,20 +124,24 @@ class TeamHandoffAgentLoop(AgentLoopBase):
         schedule = router_schedule(self.team.router, self.team.agent_names, key)
         scored_turn = answer_turn(schedule, self.team.handoff)
 
+        prompt_seed = kwargs.get(SEED_FIELD)
         transcript: list[Message] = []
         outputs: list[AgentLoopOutput] = []
         for turn, speaker in enumerate(schedule):
             agent = self.team.agent(speaker)
             tokenizer = agent_tokenizer(agent.model)
             task_messages = agent_view(extra_info, raw_prompt, speaker)
-            chat = build_agent_messages(agent, task_messages, transcript, self.team.handoff)
+            chat = build_agent_messages(agent, task_messages, transcript, self.team.handoff,
+                                        show_transcript=transcript_visible(extra_info))
             prompt_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False)
             prompt_ids = self._cap_text_prompt_length(list(prompt_ids))
             metrics = {}
             with simple_timer("generate_sequences", metrics):
+                turn_params = sampling_params if prompt_seed is None else {
+                    **sampling_params, "seed": turn_seed(int(prompt_seed), int(kwargs.get("session_id", 0)), turn)}
                 generated = await self.server_manager.generate(
-                    request_id=uuid4().hex, prompt_ids=prompt_ids, sampling_params=sampling_params,
+                    request_id=uuid4().hex, prompt_ids=prompt_ids, sampling_params=turn_params,
                     **{ROUTE_KWARG: speaker},
                 )
             response_ids = list(generated.token_ids[: self.response_length])

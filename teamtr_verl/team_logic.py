@@ -12,6 +12,12 @@ Decisions (tested in tests/test_team_logic.py):
     through the transcript.
   * **One system message.** The agent's role prompt comes first, then the dataset's own system text (all system
     messages of the shared prompt, in order) after a blank line. Empty parts are left out; no parts, no system message.
+  * **A row may hide the transcript.** ``extra_info["show_transcript"] = False`` (default: absent or None = shown)
+    gives every speaker of that row only its own view, never an earlier message: the agents of a simultaneous-move
+    game (e.g. the budget task of :mod:`teamtr_verl.fixtures.budget`) act in turn but cannot see each other.
+    :func:`agent_view` carries the flag on the list it returns (:class:`TaskMessages`) and
+    :func:`build_agent_messages` honours it; a caller that copies the view into a plain list loses the flag, so pass
+    ``show_transcript=transcript_visible(extra_info)`` to :func:`build_agent_messages` instead.
   * **The transcript is user text.** Earlier messages, the speaker's own included, are rendered with
     ``handoff.message_format`` under ``handoff.transcript_header``; they are never replayed as assistant turns, so each
     turn is one fresh prompt + one response. The block is appended to the last task message after a blank line when
@@ -27,6 +33,7 @@ No verl, Ray, vLLM or torch import: only the standard library and the dataclasse
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -42,12 +49,17 @@ __all__ = [
     "agent_views_of",
     "check_agent_views",
     "agent_view",
+    "SHOW_TRANSCRIPT_KEY",
+    "TaskMessages",
+    "transcript_visible",
     "format_transcript",
     "build_agent_messages",
 ]
 
 # The key of a row's extra_info that holds the per-agent views.
 AGENT_VIEWS_KEY = "agent_views"
+# The key of a row's extra_info that, set to False, hides the transcript from every speaker of that row.
+SHOW_TRANSCRIPT_KEY = "show_transcript"
 
 
 @dataclass(frozen=True)
@@ -153,20 +165,44 @@ def check_agent_views(row_extra_info: Optional[Mapping], agent_names: Sequence[s
         )
 
 
+class TaskMessages(list):
+    """The chat messages of :func:`agent_view` (a plain list of dicts to any reader) plus the row's
+    ``show_transcript`` flag, which :func:`build_agent_messages` reads when it is not told otherwise."""
+
+    def __init__(self, messages=(), show_transcript: bool = True):
+        super().__init__(messages)
+        self.show_transcript = show_transcript
+
+
+def transcript_visible(row_extra_info: Optional[Mapping]) -> bool:
+    """Whether the speakers of this row see the transcript: ``extra_info["show_transcript"]``, True when absent or
+    None (a parquet struct gives None to rows without the key)."""
+    value = (row_extra_info or {}).get(SHOW_TRANSCRIPT_KEY)
+    if value is None:
+        return True
+    if not isinstance(value, bool) and hasattr(value, "item"):
+        value = value.item()  # a numpy bool from parquet
+    if not isinstance(value, bool):
+        raise TypeError(f"extra_info[{SHOW_TRANSCRIPT_KEY!r}] must be true or false, got {value!r}")
+    return value
+
+
 def agent_view(
     row_extra_info: Optional[Mapping], raw_prompt_messages: Sequence[Mapping], agent_name: str
-) -> list[dict]:
+) -> TaskMessages:
     """The chat messages that present the task to ``agent_name``.
 
     With a view: one user message holding exactly the view text (the shared prompt, including its system message, is
     not shown: a view is the agent's whole picture of the task). Without: a copy of the row's shared prompt, system
-    messages included; :func:`build_agent_messages` merges those with the role prompt.
+    messages included; :func:`build_agent_messages` merges those with the role prompt. The result carries the row's
+    :func:`transcript_visible` flag.
     """
+    visible = transcript_visible(row_extra_info)
     views = agent_views_of(row_extra_info)
     if agent_name in views:
-        return [{"role": "user", "content": views[agent_name]}]
+        return TaskMessages([{"role": "user", "content": views[agent_name]}], show_transcript=visible)
     # Copies: the caller may edit the result without touching the dataset row (parquet may hand us numpy arrays).
-    return [dict(message) for message in list(raw_prompt_messages)]
+    return TaskMessages([dict(message) for message in list(raw_prompt_messages)], show_transcript=visible)
 
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -183,9 +219,19 @@ def format_transcript(transcript: Sequence[Message], handoff: HandoffSpec) -> st
 
 
 def build_agent_messages(
-    agent: AgentSpec, task_messages: Sequence[Mapping], transcript: Sequence[Message], handoff: HandoffSpec
+    agent: AgentSpec,
+    task_messages: Sequence[Mapping],
+    transcript: Sequence[Message],
+    handoff: HandoffSpec,
+    show_transcript: Optional[bool] = None,
 ) -> list[dict]:
-    """The chat messages of ``agent``'s next turn: system, task, then the transcript (see the module docstring)."""
+    """The chat messages of ``agent``'s next turn: system, task, then the transcript (see the module docstring).
+
+    ``show_transcript=False`` leaves the transcript out; None (the default) takes the flag of ``task_messages`` when
+    it is a :class:`TaskMessages` from :func:`agent_view`, else shows it.
+    """
+    if show_transcript is None:
+        show_transcript = getattr(task_messages, "show_transcript", True)
     system_parts = [agent.role_prompt] if agent.role_prompt else []
     conversation = []
     for message in task_messages:
@@ -198,7 +244,7 @@ def build_agent_messages(
     messages = [{"role": "system", "content": "\n\n".join(system_parts)}] if system_parts else []
     messages.extend(conversation)
 
-    transcript_text = format_transcript(transcript, handoff)
+    transcript_text = format_transcript(transcript, handoff) if show_transcript else ""
     if transcript_text:
         if messages and messages[-1]["role"] == "user":
             last = messages[-1]
@@ -214,3 +260,35 @@ def _text(message: Mapping, what: str) -> str:
     if not isinstance(content, str):
         raise TypeError(f"{what} has non-text content {content!r}: team handoff supports text messages only")
     return content
+
+
+_SEED_MODULUS = 2**31 - 1  # vLLM takes any int seed; keep it in int32 range for every backend
+
+
+def prompt_seeds(stage: int, num_prompts: int, base: int = 0) -> list[int]:
+    """The per-prompt seed bases of a stage: fixed for the stage (so its regenerations share random numbers),
+    different across stages and prompts."""
+    return [_mix(base, stage, index) for index in range(num_prompts)]
+
+
+def turn_seed(prompt_seed: int, session: int, turn: int) -> int:
+    """The sampling seed of one turn of one episode (prompt, session): the same in every regeneration of a stage,
+    so two regenerations differ only through the agents that changed (common random numbers)."""
+    return _mix(prompt_seed, session, turn)
+
+
+def _mix(*values: int) -> int:
+    digest = hashlib.blake2b(repr(tuple(int(v) for v in values)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % _SEED_MODULUS
+
+
+def heldout_prompts(num_prompts: int, fraction: float, stage: int, seed: int = 0) -> frozenset[int]:
+    """The prompt indices of a stage kept out of every gradient, to measure each update on (the certificate).
+
+    round(fraction·P) prompts, at least 1 when fraction > 0 and at most P − 1; drawn per stage from a seeded RNG, so
+    a resumed run holds out the same prompts."""
+    if fraction <= 0 or num_prompts < 2:
+        return frozenset()
+    count = min(max(round(fraction * num_prompts), 1), num_prompts - 1)
+    rng = random.Random(_mix(seed, stage, num_prompts))
+    return frozenset(rng.sample(range(num_prompts), count))

@@ -17,7 +17,6 @@ the server manager launches agent k's replicas at ``start_rank = offset_k``, and
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -99,14 +98,13 @@ def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_r
     Needs a running Ray cluster with enough logical devices (the caller validated placement). ``role`` is the
     worker role verl would use: ``actor_rollout``, or ``actor_rollout_ref`` when a reference model is needed.
     """
+    import ray
+    from verl.checkpoint_engine import CheckpointEngineManager
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
     from verl.single_controller.ray.base import create_colocated_worker_cls, split_resource_pool
     from verl.utils.config import omega_conf_to_dataclass
-    from verl.checkpoint_engine import CheckpointEngineManager
 
     from teamtr_verl.workers import AgentLLMServerManager, TeamActorRolloutRefWorker
-
-    import ray
 
     n_total = config.trainer.n_gpus_per_node * config.trainer.nnodes
     # Each bundle hosts one worker per agent in `colocate`: allow that many co-located processes per device.

@@ -19,7 +19,6 @@ survives a checkpoint in :class:`teamtr_verl.state.TeamTRState`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -29,12 +28,9 @@ import uuid
 from functools import partial
 from typing import Optional
 
-import numpy as np
 import torch
-import transfer_queue as tq
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from transfer_queue import KVBatchMeta
-
 from verl.experimental.reward_loop import RewardLoopManager
 from verl.trainer.ppo.utils import need_reference_policy
 from verl.trainer.ppo.v1.trainer_base import PPOTrainer, register_trainer
@@ -42,22 +38,44 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.fs import local_mkdir_safe
+from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
 from teamtr_verl import algos
 from teamtr_verl.config import TeamConfig
+from teamtr_verl.defaults import TRAINER_MODE
 from teamtr_verl.rollout_batch import TeamRollout, read_log_probs, read_team_rollout, write_advantages
 from teamtr_verl.state import TeamTRState
-from teamtr_verl.team import TeamLLMClient
+from teamtr_verl.team import SEED_FIELD, TeamLLMClient, agent_tokenizer
+from teamtr_verl.team_logic import heldout_prompts, prompt_seeds
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 
-TRAINER_MODE = "teamtr"
 
 
 class NonFiniteUpdateError(RuntimeError):
     """A non-finite loss, KL or grad norm in one agent's update (``teamtr.on_nonfinite=error``)."""
+
+
+@dataclasses.dataclass
+class TeamTRPolicyLossConfig(PolicyLossConfig):
+    """verl's policy-loss config plus the teamtr loss's own options: verl 0.9.1's PolicyLossConfig has no field for
+    them, so without this they would never reach :func:`teamtr_verl.algos.compute_teamtr_policy_loss`."""
+
+    kl_estimator: str = algos.DEFAULT_KL_ESTIMATOR
+    ratio_level: str = algos.DEFAULT_RATIO_LEVEL
+    kl_reduction: str = algos.DEFAULT_KL_REDUCTION
+
+
+def agent_loss_config(actor: DictConfig, beta: float, team: TeamConfig):
+    """The actor config verl's ``ppo_loss`` gets for one agent update: β as ``policy_loss.ppo_kl_coef`` and the
+    team's KL estimator, ratio level and KL reduction (the monitor that checks δ uses the same estimator)."""
+    config = omega_conf_to_dataclass(actor)
+    fields = {f.name: getattr(config.policy_loss, f.name) for f in dataclasses.fields(PolicyLossConfig)}
+    fields.update(ppo_kl_coef=float(beta), kl_estimator=team.kl_estimator, ratio_level=team.ratio_level,
+                  kl_reduction=team.kl_reduction)
+    return dataclasses.replace(config, policy_loss=TeamTRPolicyLossConfig(**fields))
 
 
 @register_trainer(TRAINER_MODE)
@@ -120,13 +138,14 @@ class TeamTRTrainer(PPOTrainer):
     @contextlib.contextmanager
     def _agent_context(self, name: str):
         """verl's helpers read ``self.config`` and ``self.actor_rollout_wg``: show them agent ``name``'s."""
-        team_config = self.config
+        team_config, team_tokenizer = self.config, self.tokenizer
         self._bind(name)
         self.config = self.stacks[name].config
+        self.tokenizer = agent_tokenizer(self.team.agent(name).model)  # verl pads the agent's rows with its EOS id
         try:
             yield self.stacks[name]
         finally:
-            self.config = team_config
+            self.config, self.tokenizer = team_config, team_tokenizer
 
     # ----------------------------------------------------------------------------------------------------- stage
     def step(self, metrics: dict, timing_raw: dict) -> KVBatchMeta:
@@ -134,66 +153,83 @@ class TeamTRTrainer(PPOTrainer):
         stage = self.global_steps
         prompts = self._next_train_batch()
         order = self.state.next_order(self.team)
-        created: list[KVBatchMeta] = []
+        heldout = heldout_prompts(len(prompts), self.team.certificate.heldout_fraction, stage, self.team.order_seed)
+        self._created: list[KVBatchMeta] = []
+        self._nonfinite: dict[str, int] = {}
         self._trained_batches: list[KVBatchMeta] = []
-        records: list[algos.UpdateRecord] = []
-        happo_factor: Optional[dict[str, float]] = None
         rollout: Optional[TeamRollout] = None
+        prior_log_w: Optional[torch.Tensor] = None  # stale/happo: log of the earlier updates' trajectory ratios
         for index, name in enumerate(order):
             if self.team.regenerates_before(index):
                 start = time.perf_counter()
-                rollout = self._regenerate(prompts, metrics)
+                rollout = self._regenerate(prompts, stage, rollout, metrics)
                 metrics[f"teamtr/{name}/gen_s"] = time.perf_counter() - start
-                created.append(rollout.meta)
-                happo_factor = {t: 1.0 for t in rollout.returns} if self.team.schedule == "happo" else None
+                prior_log_w = torch.zeros(len(rollout.trajectories), dtype=torch.float64)
             else:
                 metrics[f"teamtr/{name}/gen_s"] = 0.0
-            record, batch, logps = self._update_agent(name, rollout, stage, metrics, happo_factor)
-            created.append(batch)
-            self._trained_batches.append(batch)
-            if record is not None:
-                records.append(record)
-                self._record_update(record, stage, metrics)
-            if happo_factor is not None and logps is not None:
-                self._advance_happo_factor(happo_factor, rollout, logps)
-            if self.team.schedule != "joint":
-                self._sync(name, metrics)
-        if self.team.schedule == "joint":  # every agent was updated from the pre-stage team; now publish all
-            for name in order:
-                self._sync(name, metrics)
-        self._log_stage(records, order, metrics)
+            log_w = self._update_agent(name, rollout, heldout, prior_log_w, stage, index, metrics)
+            if log_w is not None:  # a later update on this same rollout (stale, happo, resample_every) weights by it
+                prior_log_w = prior_log_w + log_w
+            self._sync(name, metrics)
+        if self.team.certificate.closing_regeneration:  # the last update's gain, on this stage's episodes
+            start = time.perf_counter()
+            self._regenerate(prompts, stage, rollout, metrics)
+            metrics["teamtr/stage/closing_gen_s"] = time.perf_counter() - start
+        self._log_stage(order, metrics)
         self.state.stages_done = stage
         tag_of = {}  # every key once (an agent's batch repeats its rollout's keys, plus its padding rows)
-        for batch in created:
+        for batch in self._created:
             tag_of.update({key: tag for key, tag in zip(batch.keys, batch.tags) if key not in tag_of})
         return KVBatchMeta(partition_id="train", keys=list(tag_of), tags=list(tag_of.values()))
 
-    def _regenerate(self, prompts, metrics: dict) -> TeamRollout:
-        """Team rollouts of the current team on the stage's prompts: same prompts, fresh uids, existing servers."""
+    def _regenerate(self, prompts, stage: int, previous: Optional[TeamRollout], metrics: dict) -> TeamRollout:
+        """Team rollouts of the current team on the stage's prompts: same prompts, fresh uids, existing servers, and
+        (``certificate.crn``) the stage's sampling seeds, so that it pairs episode by episode with ``previous``."""
         batch = tu.index_select_tensor_dict(prompts, list(range(len(prompts))))
-        tu.assign_non_tensor_stack(batch, "uid", [str(uuid.uuid4()) for _ in range(len(prompts))])
+        uids = [f"p{index}x{uuid.uuid4().hex}" for index in range(len(prompts))]  # no "_": verl splits keys on it
+        tu.assign_non_tensor_stack(batch, "uid", uids)
+        if self.team.certificate.crn:
+            tu.assign_non_tensor_stack(batch, SEED_FIELD, prompt_seeds(stage, len(prompts), self.team.order_seed))
         self._submit_batch_to_rollout(batch)
         meta, sample_metrics = self.replay_buffer.sample(
             global_steps=self.global_steps, partition_id="train", batch_size=len(prompts)
         )
         meta.extra_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
         rollout = read_team_rollout(meta, len(prompts) * self.config.actor_rollout_ref.rollout.n,
-                                    self.team.a_clip, self.team.norm_eps)
+                                    self.team.a_clip, self.team.norm_eps, {uid: i for i, uid in enumerate(uids)})
+        self._created.append(rollout.meta)
         metrics["teamtr/rollout/dropped_trajectories"] = (
             metrics.get("teamtr/rollout/dropped_trajectories", 0) + rollout.dropped_trajectories
         )
+        metrics["teamtr/stage/episodes"] = metrics.get("teamtr/stage/episodes", 0) + len(rollout.returns)
         metrics.update({k: v for k, v in sample_metrics.items() if isinstance(v, (int, float))})
-        self._on_regenerated(rollout, metrics)
+        metrics.setdefault("teamtr/stage/return_mean", rollout.return_mean)  # the stage's first regeneration
+        if previous is not None:
+            self._record_paired_gain(previous, rollout, metrics)
         return rollout
 
-    def _update_agent(self, name: str, rollout: TeamRollout, stage: int, metrics: dict,
-                      happo_factor: Optional[dict[str, float]]):
-        """Update agent ``name`` on its own messages of ``rollout``, inside its trust region."""
-        keys = rollout.keys_of(name)
+    def _record_paired_gain(self, before: TeamRollout, after: TeamRollout, metrics: dict) -> None:
+        """The gain of the updates made between two regenerations of the same episodes (paired, same prompts)."""
+        old, new = before.episode_returns(), after.episode_returns()
+        both = sorted(set(old) & set(new))  # a dropped trajectory (failed reward) leaves its pair out
+        if len(both) < 2:
+            return
+        gain = algos.paired_gain([new[e] for e in both], [old[e] for e in both])
+        for update in self.state.record_paired_gain(gain, self.global_steps):
+            metrics[f"teamtr/{update['agent']}/crn_gain"] = gain.mean
+            metrics[f"teamtr/{update['agent']}/crn_gain_se"] = gain.se
+        metrics["teamtr/stage/negative_gains"] = metrics.get("teamtr/stage/negative_gains", 0) + int(gain.mean < 0)
+        metrics["teamtr/stage/gain_measurements"] = metrics.get("teamtr/stage/gain_measurements", 0) + 1
+
+    # ------------------------------------------------------------------------------------------ one agent update
+    def _update_agent(self, name: str, rollout: TeamRollout, heldout: frozenset[int],
+                      prior_log_w: torch.Tensor, stage: int, position: int, metrics: dict) -> Optional[torch.Tensor]:
+        """Update agent ``name`` on its own trained messages of ``rollout``, inside its trust region; measure the
+        update on the held-out groups. Returns the update's log W per trajectory (None if not committed)."""
         prefix = f"teamtr/{name}"
-        if not keys:  # a random router gave this agent no turn in any episode
+        if not rollout.keys_of(name):  # a random router gave this agent no turn in any episode
             metrics[f"{prefix}/messages"] = 0
-            return None, KVBatchMeta(partition_id=rollout.meta.partition_id, keys=[], tags=[]), None
+            return None
         start = time.perf_counter()
         delta = self.team.delta_of(name)
         # Free this agent's rollout memory for training, as verl's sync trainer does after sampling (a no-op unless
@@ -201,86 +237,191 @@ class TeamTRTrainer(PPOTrainer):
         self.stacks[name].checkpoint_manager.sleep_replicas()
         with self._agent_context(name) as stack:
             agent_metrics: dict = {}
-            batch = self._balance_batch(rollout.meta.select_keys(keys), metrics=agent_metrics)
-            batch = self._compute_old_log_prob(batch, agent_metrics)
-            if self.use_reference_policy:
-                batch = self._compute_ref_log_prob(batch, agent_metrics)
-            rows = rollout.rows_of(name)
-            scale = [happo_factor[rollout.trajectory[i]] if happo_factor else 1.0 for i in rows]
-            batch = write_advantages(batch, {rollout.meta.keys[i]: float(rollout.advantage[i]) * s
-                                             for i, s in zip(rows, scale)})
+            train, measure = self._prepare_batches(name, rollout, heldout, prior_log_w, agent_metrics)
             stack.worker_group.snapshot_actor_weights()
             beta_state = self.state.beta_state(name)
             update_metrics: dict = {}
-            self._set_agent_beta(name, beta_state.beta)
-            self._update_actor(batch, update_metrics)
-            step_fraction, halvings, proposal_kl = 1.0, 0, None
-            while True:
-                logps = self._fresh_log_probs(batch)
-                bad = self._first_non_finite(update_metrics, logps)
-                kl = math.nan if bad else float(algos.token_kl_monitor(logps["old"], logps["new"], logps["mask"],
-                                                                         estimator=self.team.kl_estimator))
-                proposal_kl = kl if proposal_kl is None else proposal_kl
-                bad = bad or self._first_non_finite(update_metrics, logps, kl)
-                if bad is not None:
-                    if self.team.on_nonfinite == "error":
-                        raise NonFiniteUpdateError(f"teamtr: agent {name!r} at stage {stage}: non-finite {bad}")
-                    stack.worker_group.restore_actor_weights()
-                    metrics[f"{prefix}/nonfinite_skips"] = metrics.get(f"{prefix}/nonfinite_skips", 0) + 1
-                    action = "skip"
-                    break
-                if not self.team.enforce:  # monitor only: adapt β toward δ, keep the update whatever its KL
-                    beta_state = dataclasses.replace(beta_state, beta=algos.adapt_beta(beta_state.beta, kl, delta))
-                    action = "accept"
-                    break
-                decision = algos.trust_region_decision(beta_state, kl, delta, self.team.max_backtracks,
-                                                       self.team.backtrack_factor)
-                beta_state, action = decision.state, decision.action
-                if action == "accept":
-                    break
-                if action == "give_up":
-                    stack.worker_group.restore_actor_weights()  # back to π_cur exactly
-                    break
-                # Backtrack: halve the step θ_cur → θ_new (a TRPO line search). Re-running the update with the
-                # raised β alone cannot help a one-step update: the KL term and its gradient vanish at π_new = π_cur.
-                step_fraction, halvings = step_fraction * 0.5, halvings + 1
-                stack.worker_group.blend_actor_weights(step_fraction)
-            metrics[f"{prefix}/step_fraction"] = step_fraction if action == "accept" else 0.0
-        self.state.set_beta_state(name, beta_state)
-        committed = action == "accept"
-        if committed:
-            self.state.kl_history[name].append(kl)
-        metrics.update({
-            f"{prefix}/kl": kl,  # of the update as committed (after any backtracking)
-            f"{prefix}/kl_proposal": proposal_kl,  # of the optimizer's full step
+            self._push_loss(name, beta_state.beta)
+            self._update_actor(train, update_metrics)
+            outcome = self._line_search(name, train, delta, beta_state.beta, update_metrics, stage)
+            log_w, bound = None, None
+            if outcome.action == "accept":
+                if outcome.alpha < 1.0:  # Adam's momentum should remember the step taken, not the one proposed
+                    stack.worker_group.scale_optimizer_momentum(outcome.alpha)
+                if measure is not None:
+                    log_w, bound = self._measure_update(name, rollout, measure, outcome, prior_log_w, heldout)
+                trained = self._trajectory_log_w(rollout, self._last_logps)  # and on the trained groups
+                log_w = trained if log_w is None else log_w + trained
+            else:
+                stack.worker_group.restore_actor_weights()  # weights and optimizer state back to π_cur exactly
+        committed = outcome.action == "accept"
+        # A non-finite full step (on_nonfinite=skip) adapted nothing: BetaState refuses a NaN last_kl, keep the old one.
+        last_kl = beta_state.last_kl if math.isnan(outcome.full.kl) else outcome.full.kl
+        self.state.set_beta_state(name, beta_state.after_update(
+            last_kl, outcome.beta, outcome.backtracks, committed))
+        entry = {"stage": stage, "agent": name, "position": position, "committed": committed, "kl": outcome.kl,
+                 "kl_full": outcome.full.kl, "alpha": outcome.alpha, "backtracks": outcome.backtracks,
+                 "surrogate": outcome.committed.surrogate if committed else 0.0, "delta": delta}
+        if bound is not None:
+            entry.update(bound=bound.bound, bound_point=bound.point, bound_se=bound.se, bound_penalty=bound.penalty,
+                         is_gain=bound.estimate.mean, is_gain_se=bound.estimate.se, heldout_trajectories=bound.n)
+        elif committed:
+            entry["bound"] = None
+        self.state.record_update(entry)
+        if committed:  # verl's data metrics count the rows that were trained on
+            self._trained_batches.append(train)
+        metrics.update(self._update_metrics(name, entry, outcome, update_metrics, agent_metrics, len(self._advantage),
+                                            start))
+        return log_w
+
+    def _prepare_batches(self, name: str, rollout: TeamRollout, heldout: frozenset[int], prior_log_w, metrics: dict):
+        """The agent's trained rows (balanced, old log-probs, Eq. 9 advantages; HAPPO-weighted under ``happo``) and
+        its held-out rows (old log-probs only), each padded with this agent's own EOS id."""
+        batches = []
+        for keys in (rollout.keys_of(name, heldout, heldout=False), rollout.keys_of(name, heldout, heldout=True)):
+            if not keys:
+                batches.append(None)
+                continue
+            batch = self._balance_batch(rollout.meta.select_keys(keys), metrics=metrics)
+            batch = self._compute_old_log_prob(batch, metrics)
+            self._created.append(batch)
+            batches.append(batch)
+        train, measure = batches
+        if train is None:
+            raise ValueError(f"teamtr: agent {name!r} has no trained messages: every prompt group is held out "
+                             f"(teamtr.certificate.heldout_fraction={self.team.certificate.heldout_fraction})")
+        if self.use_reference_policy:
+            train = self._compute_ref_log_prob(train, metrics)
+        factor = None
+        if self.team.schedule == "happo":  # HAPPO: the earlier updates' (clipped) ratio product weights the advantage
+            factor = algos.happo_factor(prior_log_w)
+        self._advantage = {}  # per trained row: what the loss sees (the line search's surrogate uses the same)
+        for i in rollout.rows_of(name, heldout, heldout=False):
+            scale = 1.0 if factor is None else float(factor[rollout.trajectory_code[rollout.trajectory[i]]])
+            self._advantage[rollout.meta.keys[i]] = float(rollout.advantage[i]) * scale
+        return write_advantages(train, self._advantage), measure
+
+    def _line_search(self, name: str, train: KVBatchMeta, delta: float, beta: float, update_metrics: dict,
+                     stage: int) -> algos.LineSearchResult:
+        """Measure the optimizer's full step, then let :func:`teamtr_verl.algos.line_search` pick the committed
+        fraction of it (or give up). ``teamtr.enforce=false`` keeps the full step whatever its KL."""
+        stack = self.stacks[name]
+        full = self._evaluate_step(name, train, 1.0, update_metrics, stage)
+        if full is None:  # non-finite with on_nonfinite=skip: counted, the update is given up
+            nan = algos.StepEval(1.0, math.nan, math.nan)
+            return algos.LineSearchResult("give_up", 0.0, nan, None, 0, (nan,), beta)
+        if not self.team.enforce:
+            new_beta = algos.adapt_beta(beta, full.kl, delta)
+            return algos.LineSearchResult("accept", 1.0, full, full, 0, (full,), new_beta)
+
+        def evaluate(alpha: float) -> algos.StepEval:
+            stack.worker_group.blend_actor_weights(alpha)
+            step = self._evaluate_step(name, train, alpha, update_metrics, stage)
+            return step if step is not None else algos.StepEval(alpha, math.inf, math.nan)
+
+        return algos.line_search(evaluate, full, delta, beta, self.team.max_backtracks, self.team.step_safety)
+
+    def _evaluate_step(self, name: str, train: KVBatchMeta, alpha: float, update_metrics: dict,
+                       stage: int) -> Optional[algos.StepEval]:
+        """KL (Eq. 11 monitor) and surrogate of the agent's current weights on its trained rows; None when something
+        is non-finite and ``on_nonfinite=skip`` (with ``error`` it raises, naming the agent and stage)."""
+        logps = self._fresh_log_probs(train)
+        bad = self._first_non_finite(update_metrics if alpha == 1.0 else {}, logps)
+        kl = math.nan
+        if bad is None:
+            kl = float(algos.token_kl_monitor(logps["old"], logps["new"], logps["mask"],
+                                              estimator=self.team.kl_estimator))
+            bad = self._first_non_finite({}, logps, kl)
+        if bad is not None:
+            if self.team.on_nonfinite == "error":
+                raise NonFiniteUpdateError(f"teamtr: agent {name!r} at stage {stage}: non-finite {bad}")
+            key = f"teamtr/{name}/nonfinite_skips"
+            self._nonfinite[key] = self._nonfinite.get(key, 0) + 1
+            return None
+        self._last_logps = logps
+        advantage = torch.tensor([self._advantage[key] for key in logps["real_keys"]], dtype=torch.float64)
+        surrogate = algos.surrogate_gain(logps["old"], logps["new"], advantage, logps["mask"],
+                                         ratio_level=self.team.ratio_level)
+        return algos.StepEval(alpha, kl, surrogate)
+
+    def _measure_update(self, name: str, rollout: TeamRollout, measure: KVBatchMeta, outcome, prior_log_w,
+                        heldout: frozenset[int]):
+        """The committed update on the held-out groups: log W per trajectory (all trajectories of the rollout: 0
+        where the agent's rows were trained on, so only held-out entries are used), the bound and ĝ."""
+        logps = self._fresh_log_probs(measure)
+        codes = self._trajectory_codes(rollout, logps)
+        n = len(rollout.trajectories)
+        log_w = self._trajectory_log_w(rollout, logps)
+        returns = [rollout.returns[t] for t in rollout.trajectories]
+        groups = [rollout.episode(t)[0] for t in rollout.trajectories]
+        centered, usable = algos.leave_one_out_centered(returns, groups)
+        # every held-out episode counts, also one where the agent did not speak (a random router): there W = 1
+        in_heldout = torch.tensor([rollout.is_heldout(t, heldout) for t in rollout.trajectories], dtype=torch.bool)
+        usable = usable & in_heldout
+        if int(usable.sum()) < 2:  # e.g. a dropped held-out trajectory left its group alone: no finite bound
+            return log_w, None
+        if not bool(centered[usable].any()):  # every held-out group is flat: 0 ± 0 would be a guess, not a bound
+            return log_w, None
+        cert = self.team.certificate
+        return_range = cert.return_range or (max(returns) - min(returns)) or 1.0
+        bound = algos.update_bound(
+            cert.bound, log_w=log_w, centered=centered, usable=usable, prior_log_w=prior_log_w,
+            clip_ratio=self._clip_ratio(name), t=cert.confidence_t, kl=outcome.kl, return_range=return_range,
+            agent_turns=len(rollout.rows_of(name)) / max(len(rollout.trajectories), 1),
+            ratio_excess=algos.trajectory_ratio_excess(logps["old"], logps["new"], logps["mask"], codes, n),
+        )
+        return log_w, bound
+
+    @staticmethod
+    def _trajectory_codes(rollout: TeamRollout, logps: dict) -> torch.Tensor:
+        return torch.tensor([rollout.trajectory_code[rollout.trajectory[rollout.row_of_key[key]]]
+                             for key in logps["real_keys"]], dtype=torch.long)
+
+    def _trajectory_log_w(self, rollout: TeamRollout, logps: dict) -> torch.Tensor:
+        """log W per trajectory of ``rollout`` from the rows in ``logps`` (0 for trajectories not among them)."""
+        return algos.trajectory_log_ratio(logps["old"], logps["new"], logps["mask"],
+                                          self._trajectory_codes(rollout, logps), len(rollout.trajectories))
+
+    def _clip_ratio(self, name: str) -> float:
+        actor = self.stacks[name].config.actor_rollout_ref.actor
+        return float(actor.get("clip_ratio_low") or actor.get("clip_ratio") or algos.DEFAULT_CLIP_RATIO)
+
+    def _update_metrics(self, name: str, entry: dict, outcome, update_metrics: dict, agent_metrics: dict,
+                        rows: int, start: float) -> dict:
+        prefix = f"teamtr/{name}"
+        beta_state = self.state.beta_state(name)
+        out = {
+            f"{prefix}/kl": entry["kl"],  # of the update as committed (0 when given up)
+            f"{prefix}/kl_proposal": outcome.full.kl,  # of the optimizer's full step
+            f"{prefix}/delta_used": entry["kl"] / entry["delta"],
+            f"{prefix}/step_fraction": outcome.alpha,
             f"{prefix}/beta": beta_state.beta,
-            f"{prefix}/delta": delta,
-            f"{prefix}/out_of_region": float(proposal_kl > delta),  # the full step left the region
-            f"{prefix}/backtracks": halvings,
+            f"{prefix}/delta": entry["delta"],
+            f"{prefix}/out_of_region": float(outcome.full.kl > entry["delta"]),  # the full step left the region
+            f"{prefix}/backtracks": outcome.backtracks,
             f"{prefix}/give_ups_total": beta_state.num_give_ups,
-            f"{prefix}/committed": float(committed),
-            f"{prefix}/messages": len(keys),
+            f"{prefix}/committed": float(entry["committed"]),
+            f"{prefix}/messages": rows,  # trained messages (held-out and padding rows excluded)
+            f"{prefix}/surrogate": entry["surrogate"],
             f"{prefix}/update_s": time.perf_counter() - start,
-        })
+            **self._nonfinite,
+        }
+        for key in ("bound", "bound_se", "is_gain", "is_gain_se"):
+            if entry.get(key) is not None:
+                out[f"{prefix}/{key}"] = entry[key]
         for src, dst in (("actor/pg_clipfrac", "clipfrac"), ("actor/grad_norm", "grad_norm"),
                          ("actor/pg_loss", "pg_loss"), ("actor/teamtr_kl", "loss_kl")):
             if src in update_metrics:
-                metrics[f"{prefix}/{dst}"] = update_metrics[src]
+                out[f"{prefix}/{dst}"] = update_metrics[src]
         for src, dst in (("actor/entropy", "entropy"), ("training/rollout_probs_diff_max", "rollout_probs_diff_max")):
             if src in agent_metrics:  # the second: rollout (vLLM) vs actor log-probs, proof the last sync landed
-                metrics[f"{prefix}/{dst}"] = agent_metrics[src]
-        record = None
-        if committed:
-            record = self._update_record(name, rollout, logps, kl, delta)
-            metrics[f"{prefix}/surrogate"] = record.surrogate_gain
-        return record, batch, (logps if committed else None)
+                out[f"{prefix}/{dst}"] = agent_metrics[src]
+        return out
 
-    def _set_agent_beta(self, name: str, beta: float) -> None:
-        """Push agent ``name``'s loss with its current β (verl's ppo_loss reads it from policy_loss.ppo_kl_coef)."""
-        actor = copy.deepcopy(self.stacks[name].config.actor_rollout_ref.actor)
-        with open_dict(actor):
-            actor.policy_loss.ppo_kl_coef = float(beta)
-        self.stacks[name].worker_group.set_loss_fn(partial(ppo_loss, config=omega_conf_to_dataclass(actor)))
+    def _push_loss(self, name: str, beta: float) -> None:
+        """Push agent ``name``'s loss: its current β and the team's loss options (verl's ppo_loss reads them)."""
+        config = agent_loss_config(self.stacks[name].config.actor_rollout_ref.actor, beta, self.team)
+        self.stacks[name].worker_group.set_loss_fn(partial(ppo_loss, config=config))
 
     def _fresh_log_probs(self, batch: KVBatchMeta) -> dict:
         """Agent's log-probs of its own tokens after the update, beside the old ones (no gradient, no entropy)."""
@@ -302,85 +443,23 @@ class TeamTRTrainer(PPOTrainer):
             return f"log-prob={new[~torch.isfinite(new)][0].item()}"
         return None
 
-    def _update_record(self, name, rollout: TeamRollout, logps: dict, kl: float, delta: float) -> algos.UpdateRecord:
-        rows_by_key = {rollout.meta.keys[i]: i for i in rollout.rows_of(name)}
-        rows = [rows_by_key[key] for key in logps["real_keys"]]
-        terms = algos.surrogate_terms(
-            logps["old"], logps["new"], torch.tensor(rollout.advantage[rows]), torch.tensor(rollout.normalized[rows]),
-            torch.tensor(rollout.group_size[rows]), logps["mask"],
-        )
-        turns = len(rows) / max(len(rollout.returns), 1)  # this agent's messages per trajectory
-        return algos.UpdateRecord(
-            agent=name, surrogate_gain=terms.surrogate_gain, kl=kl, zeta_clip=terms.zeta_clip,
-            zeta_ratio=terms.zeta_ratio, zeta_norm=terms.zeta_norm, delta=delta, agent_turns=turns,
-            advantage_scale=max(rollout.group_std_mean, 1e-12), num_messages=terms.num_messages,
-        )
-
-    def _advance_happo_factor(self, factor: dict[str, float], rollout: TeamRollout, logps: dict) -> None:
-        trajectories = sorted(set(rollout.trajectory))
-        code = {t: i for i, t in enumerate(trajectories)}
-        rows_by_key = {key: i for i, key in enumerate(rollout.meta.keys)}
-        row_traj = torch.tensor([code[rollout.trajectory[rows_by_key[key]]] for key in logps["real_keys"]])
-        current = torch.tensor([factor[t] for t in trajectories], dtype=torch.float64)
-        updated = algos.happo_factor_update(current, logps["old"], logps["new"], logps["mask"], row_traj)
-        factor.update({t: float(v) for t, v in zip(trajectories, updated.tolist())})
-
     def _sync(self, name: str, metrics: dict) -> None:
         """Push agent ``name``'s weights into its own replicas (and only those)."""
         start = time.perf_counter()
         self.stacks[name].checkpoint_manager.update_weights(self.global_steps)
         metrics[f"teamtr/{name}/sync_s"] = metrics.get(f"teamtr/{name}/sync_s", 0.0) + time.perf_counter() - start
 
-    # --------------------------------------------------------------------------------------- gains and certificate
-    def _on_regenerated(self, rollout: TeamRollout, metrics: dict) -> None:
-        """A regeneration measures J of the current team. The updates made since the previous regeneration get
-        their measured gain: one update (teamtr) -> a per-update pair; several (stale, joint, happo) -> one pair
-        for their summed bounds."""
-        metrics["teamtr/stage/episodes"] = metrics.get("teamtr/stage/episodes", 0) + len(rollout.returns)
-        pending = [u for u in self.state.updates_history if u["measured_gain"] is None]
-        if pending and self.state.last_return_mean is not None:
-            gain = rollout.return_mean - self.state.last_return_mean
-            self.state.gain_pairs.append([sum(u["bound"] for u in pending), gain])
-            for update in pending:
-                update["measured_gain"] = gain
-                metrics[f"teamtr/{update['agent']}/measured_gain"] = gain
-            self.state.measured_gain_sum += gain
-            metrics["teamtr/stage/measured_gain"] = gain
-            # a coordination regression: the team got worse over an interval of updates (noise included)
-            metrics["teamtr/stage/negative_gains"] = metrics.get("teamtr/stage/negative_gains", 0) + int(gain < 0)
-            metrics["teamtr/stage/gain_measurements"] = metrics.get("teamtr/stage/gain_measurements", 0) + 1
-        self.state.last_return_mean = rollout.return_mean
-        metrics.setdefault("teamtr/stage/return_mean", rollout.return_mean)  # the stage's first regeneration
-
-    def _record_update(self, record: algos.UpdateRecord, stage: int, metrics: dict) -> None:
-        bound = algos.update_bound(record, a_max=self.team.a_clip, form=self.team.certificate_form,
-                                   horizon=episode_horizon(self.team), gamma=self.team.gamma)
-        metrics[f"teamtr/{record.agent}/bound"] = bound.bound
-        self.state.updates_history.append({"stage": stage, "agent": record.agent, "bound": bound.bound,
-                                           "measured_gain": None})
-
-    def _log_stage(self, records: list[algos.UpdateRecord], order: list[str], metrics: dict) -> None:
+    def _log_stage(self, order: list[str], metrics: dict) -> None:
         for position, name in enumerate(order):
             metrics[f"teamtr/{name}/position"] = position
-        if records:
-            # intermediate occupancy only when every update had fresh rollouts; otherwise the stale penalty applies
-            fresh = self.team.schedule == "teamtr" and (self.team.resample_every or 1) == 1
-            occupancy = "intermediate" if fresh else "stale"
-            cert = algos.stage_certificate(records, a_max=self.team.a_clip, form=self.team.certificate_form,
-                                           horizon=episode_horizon(self.team), gamma=self.team.gamma,
-                                           occupancy=occupancy)
-            metrics["teamtr/stage/certificate"] = cert.certificate
-            metrics["teamtr/stage/out_of_region"] = cert.num_out_of_region
-            self.state.certificate_sum += cert.certificate
-        if self.state.gain_pairs:
-            bounds, gains = zip(*self.state.gain_pairs)
-            metrics["teamtr/stage/calibration"] = algos.calibration_fraction(bounds, gains)
-            if len(bounds) >= 3:
-                rho = algos.spearman_rank_correlation(bounds, gains)
-                if math.isfinite(rho):
-                    metrics["teamtr/stage/rank_correlation"] = rho
-        metrics["teamtr/stage/certificate_sum"] = self.state.certificate_sum
-        metrics["teamtr/stage/measured_gain_sum"] = self.state.measured_gain_sum
+        updates = [u for u in self.state.ledger if u["stage"] == self.global_steps]
+        bounds = [u["bound"] for u in updates if u.get("bound") is not None]
+        if bounds:
+            metrics["teamtr/stage/certificate"] = float(sum(bounds))
+        metrics["teamtr/stage/out_of_region"] = sum(1 for u in updates if u["kl_full"] > u["delta"])
+        for key, value in self.state.certificate_stats().items():
+            metrics[f"teamtr/stage/{key}"] = value
+
 
     # ------------------------------------------------------------------------------------------------ metrics
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
@@ -428,13 +507,6 @@ class TeamTRTrainer(PPOTrainer):
         self.state = state
         self.global_steps = int(folder.rstrip("/").split("global_step_")[-1])
         logger.info("teamtr: resumed from %s after stage %d", folder, self.global_steps)
-
-
-def episode_horizon(team: TeamConfig) -> int:
-    """Turns per episode: the horizon H of the finite-horizon certificate."""
-    from teamtr_verl.team_logic import router_schedule
-
-    return len(router_schedule(team.router, team.agent_names, "horizon"))
 
 
 def find_resume_folder(config: DictConfig) -> Optional[str]:

@@ -1,13 +1,17 @@
-"""Validation of a ``trainer.v1.trainer_mode=teamtr`` run, in the driver, before Ray starts.
+"""Validation of a ``trainer.v1.trainer_mode=teamtr`` run (its config and data files), in the driver, before Ray starts.
 
 verl's ``main_ppo`` calls ``verl.utils.config.validate_config`` before ``run_ppo`` starts Ray; the plugin wraps that
-function (see :func:`teamtr_verl.cpu.patches.install_config_validation_hook`) so that a bad TeamTR config stops
+function (see :func:`teamtr_verl.patches.install_config_validation_hook`) so that a bad TeamTR config stops
 there, with one line naming the dotted key, the value and what is valid.
 """
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import glob
+import os
+import re
+
+from omegaconf import DictConfig, ListConfig
 
 from teamtr_verl.config import TeamConfig, TeamConfigError, validate_placement
 
@@ -15,6 +19,9 @@ TRAINER_MODE = "teamtr"
 AGENT_LOOP = "teamtr_handoff"
 AGENT_LOOP_MANAGER = "teamtr_verl.team.TeamAgentLoopManager"
 RESUME_MODES = ("auto", "disable", "resume_path")
+DATA_FILE_KEYS = ("data.train_files", "data.val_files")
+# A URL (hdfs://, s3://, gs://, ...) is fetched by verl's or fsspec's own clients at load time: not checked here.
+_REMOTE = re.compile(r"^(?!file://)[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_teamtr_run(config: DictConfig) -> bool:
@@ -55,4 +62,27 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
                               "global_step_N folder when trainer.resume_mode=resume_path")
     team = TeamConfig.from_config(config.get("teamtr"), prefix="teamtr")
     validate_placement(team, config.trainer.n_gpus_per_node * config.trainer.nnodes)
+    for key in DATA_FILE_KEYS:
+        _check_data_files(key, config.data.get(key.split(".", 1)[1]))
     return team
+
+
+def _check_data_files(key: str, value) -> None:
+    """verl builds both datasets only after Ray and every worker have started: a missing file would fail minutes in.
+
+    verl's loader (HF datasets) takes a path, a glob or a list of them, does not expand ``~``, and opens relative
+    paths from the working directory.
+    """
+    valid = "an existing parquet/json file, a glob or a list of them, or a hdfs://, s3:// or gs:// URL"
+    paths = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if value is None or not paths:
+        raise TeamConfigError(f"{key}={value!r} is not set: set {key} to {valid}")
+    for index, path in enumerate(paths):
+        where = f"{key}[{index}]" if isinstance(value, (list, tuple, ListConfig)) else key
+        if not isinstance(path, str) or not path.strip():
+            raise TeamConfigError(f"{where}={path!r} is not a path: set {key} to {valid}")
+        if _REMOTE.match(path):
+            continue
+        if not os.path.isfile(path) and not any(os.path.isfile(match) for match in glob.glob(path)):
+            hint = " (verl does not expand ~: write the full path)" if path.startswith("~") else ""
+            raise TeamConfigError(f"{where}={path!r} does not exist{hint}: set {key} to {valid}")

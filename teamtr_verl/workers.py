@@ -7,10 +7,10 @@ replica ranks, and both the server side (replicas, their Ray actor names) and th
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
-
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.engine_workers import ActorRolloutRefWorker
 from verl.workers.rollout.llm_server import LLMServerManager
@@ -43,6 +43,28 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         for name, parameter in self.actor.engine.module.named_parameters():
             yield name, parameter.to_local() if hasattr(parameter, "to_local") else parameter.data
 
+    def _local_optimizer_states(self):
+        """(parameter name, {state key: rank-local tensor}) of the actor's optimizer (Adam: exp_avg, exp_avg_sq,
+        step)."""
+        optimizer = self.actor.engine.optimizer
+        for name, parameter in self.actor.engine.module.named_parameters():
+            state = optimizer.state.get(parameter)
+            if state:
+                yield name, {key: value.to_local() if hasattr(value, "to_local") else value
+                             for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def scale_optimizer_momentum(self, alpha: float) -> int:
+        """Scale Adam's first moment by α after a shortened step: the momentum carries the step taken, not the
+        proposal the line search cut back. Returns #elements scaled."""
+        scaled = 0
+        with torch.no_grad():
+            for _, state in self._local_optimizer_states():
+                if "exp_avg" in state:
+                    state["exp_avg"].mul_(alpha)
+                    scaled += state["exp_avg"].numel()
+        return scaled
+
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def snapshot_actor_weights(self) -> int:
         """Keep a CPU copy of this rank's actor weights θ_cur (the pre-update policy); returns #elements.
@@ -51,6 +73,11 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         """
         self._teamtr_snapshot = {name: t.detach().to("cpu", copy=True) for name, t in self._local_actor_tensors()}
         self._teamtr_proposal = None
+        # the optimizer too: a given-up update must leave no trace in Adam's moments or the lr schedule
+        self._teamtr_optim_snapshot = {name: {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+                                       for name, state in self._local_optimizer_states()}
+        scheduler = self.actor.engine.lr_scheduler
+        self._teamtr_sched_snapshot = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
         return sum(t.numel() for t in self._teamtr_snapshot.values())
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
@@ -76,7 +103,8 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def restore_actor_weights(self) -> int:
-        """Put the pre-update weights θ_cur back, bit-exact (a plain copy, no arithmetic)."""
+        """Put the pre-update weights θ_cur back, bit-exact (a plain copy, no arithmetic), with the optimizer state and
+        the lr scheduler as they were at the snapshot."""
         snapshot = getattr(self, "_teamtr_snapshot", None)
         if snapshot is None:
             raise RuntimeError("restore_actor_weights called before snapshot_actor_weights")
@@ -85,6 +113,16 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
             for name, tensor in self._local_actor_tensors():
                 tensor.copy_(snapshot[name].to(tensor.device, tensor.dtype))
                 restored += tensor.numel()
+            saved = self._teamtr_optim_snapshot
+            optimizer = self.actor.engine.optimizer
+            for name, parameter in self.actor.engine.module.named_parameters():
+                if name not in saved:  # no state before this update (the agent's first step): drop the new one
+                    optimizer.state.pop(parameter, None)
+            for name, state in self._local_optimizer_states():
+                for key, value in state.items():
+                    value.copy_(saved[name][key].to(value.device, value.dtype))
+        if self._teamtr_sched_snapshot is not None:
+            self.actor.engine.lr_scheduler.load_state_dict(copy.deepcopy(self._teamtr_sched_snapshot))
         return restored
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)

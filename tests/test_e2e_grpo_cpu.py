@@ -5,44 +5,21 @@ saved checkpoint: the steps ran, rewards had spread, the actor's weights changed
 log-probs stayed close (the weight sync into vLLM is real, not a stale copy).
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-import teamtr_verl
+from teamtr_verl.runs import run_main_ppo
 
 pytestmark = pytest.mark.e2e
-
-CONFIG_DIR = Path(teamtr_verl.__file__).parent / "configs"
-
-
-def run_stock_main_ppo(config_name: str, overrides: list[str], workdir: Path, timeout: int = 900):
-    """Run verl's stock entry point in a subprocess; return (completed process, metrics rows from the file logger)."""
-    metrics_file = workdir / "metrics.jsonl"
-    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_file), HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-               RAY_DEDUP_LOGS="0")
-    command = [sys.executable, "-m", "verl.trainer.main_ppo", f"--config-path={CONFIG_DIR}",
-               f"--config-name={config_name}", *overrides]
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    (workdir / "stdout.log").write_text(result.stdout)
-    (workdir / "stderr.log").write_text(result.stderr)
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
-    return result, rows
 
 
 def test_stock_grpo_trains_on_cpu(tiny_model_dir, tiny_data_dir, tmp_path):
     checkpoint_dir = tmp_path / "ckpt"
-    result, rows = run_stock_main_ppo(
+    result, rows = run_main_ppo(
         "grpo_tiny_cpu",
         [
             f"actor_rollout_ref.model.path={tiny_model_dir}",
             f"data.train_files={tiny_data_dir / 'train.parquet'}",
             f"data.val_files={tiny_data_dir / 'test.parquet'}",
-            "trainer.logger=[console,file]",
             "trainer.total_training_steps=2",
             "trainer.save_freq=2",
             f"trainer.default_local_dir={checkpoint_dir}",
@@ -52,7 +29,7 @@ def test_stock_grpo_trains_on_cpu(tiny_model_dir, tiny_data_dir, tmp_path):
     )
     assert result.returncode == 0, f"main_ppo failed; see {tmp_path}/stderr.log\n{result.stderr[-4000:]}"
 
-    train = {row["step"]: row["data"] for row in rows if "actor/pg_loss" in row["data"]}
+    train = {step: data for step, data in rows.items() if "actor/pg_loss" in data}
     assert sorted(train) == [1, 2]
     # Rewards had spread in some step, so GRPO advantages were not all zero ...
     assert any(m["critic/score/max"] > m["critic/score/min"] for m in train.values())
@@ -80,7 +57,7 @@ def test_stock_grpo_trains_on_cpu(tiny_model_dir, tiny_data_dir, tmp_path):
 def test_teamtr_estimator_and_loss_in_a_stock_single_agent_run(tiny_model_dir, tiny_data_dir, tmp_path):
     """`algorithm.adv_estimator=teamtr` + `policy_loss.loss_mode=teamtr` in a stock run: the TaskRunner finds our
     estimator and the FSDP workers find our loss (each process registered them through the entry point)."""
-    result, rows = run_stock_main_ppo(
+    result, rows = run_main_ppo(
         "grpo_tiny_cpu",
         [
             f"actor_rollout_ref.model.path={tiny_model_dir}",
@@ -88,13 +65,12 @@ def test_teamtr_estimator_and_loss_in_a_stock_single_agent_run(tiny_model_dir, t
             f"data.val_files={tiny_data_dir / 'test.parquet'}",
             "algorithm.adv_estimator=teamtr",
             "actor_rollout_ref.actor.policy_loss.loss_mode=teamtr",
-            "trainer.logger=[console,file]",
             "trainer.total_training_steps=2",
         ],
         tmp_path,
     )
     assert result.returncode == 0, f"main_ppo failed; see {tmp_path}/stderr.log\n{result.stderr[-4000:]}"
-    train = {row["step"]: row["data"] for row in rows if "actor/pg_loss" in row["data"]}
+    train = {step: data for step, data in rows.items() if "actor/pg_loss" in data}
     assert sorted(train) == [1, 2]
     for metrics in train.values():
         # Our loss ran in the worker: it logs the trust-region KL term and β next to verl's own diagnostics.

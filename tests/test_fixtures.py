@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from teamtr_verl.fixtures import build_tiny_model
-from teamtr_verl.fixtures.rewards import addition_score, compute_score
 from teamtr_verl.fixtures.data import ADDITION_SOURCE
+from teamtr_verl.fixtures.rewards import addition_score, compute_score
 
 
 def _digest(path):

@@ -6,13 +6,21 @@ import pytest
 
 from teamtr_verl import plot, summary
 
+# Per agent and stage: the update's bound and its paired gain. In update order (a1, b1, a2, b2, a3, b3):
+# bounds [-0.01, 0.004, 0.0, 0.012, 0.01, 0.02], gains [0.02, 0.0, 0.04, 0.05, 0.06, 0.01].
+BOUNDS = {"alice": (-0.01, 0.0, 0.01), "bob": (0.004, 0.012, 0.02)}
+GAINS = {"alice": (0.02, 0.04, 0.06), "bob": (0.0, 0.05, 0.01)}
+
 
 def write_metrics(path, stages=3):
     with open(path, "w") as handle:
         for step in range(1, stages + 1):
-            data = {"teamtr/stage/return_mean": 0.1 * step, "teamtr/stage/certificate_sum": -0.05 * step,
-                    "teamtr/stage/measured_gain_sum": 0.02 * step, "teamtr/stage/calibration": 1.0}
-            for agent, kl in (("alice", 0.004), ("bob", 0.008)):
+            data = {"teamtr/stage/return_mean": 0.1 * step, "teamtr/stage/calibration": 1.0}
+            for position, (agent, kl) in enumerate((("alice", 0.004), ("bob", 0.008))):
+                data.update({f"teamtr/{agent}/bound": BOUNDS[agent][step - 1],
+                             f"teamtr/{agent}/crn_gain": GAINS[agent][step - 1],
+                             f"teamtr/{agent}/crn_gain_se": 0.01 * (position + 1), f"teamtr/{agent}/is_gain_se": 0.02,
+                             f"teamtr/{agent}/delta_used": 0.4 + 0.1 * step, f"teamtr/{agent}/position": position})
                 data.update({f"teamtr/{agent}/kl": kl * step / stages, f"teamtr/{agent}/kl_proposal": 0.5,
                              f"teamtr/{agent}/delta": 0.01, f"teamtr/{agent}/beta": 0.1 * step,
                              f"teamtr/{agent}/committed": 1.0, f"teamtr/{agent}/backtracks": 2,
@@ -30,7 +38,13 @@ def test_summary_states_the_numbers(tmp_path):
     # bob: max KL 0.008 vs δ 0.01, 3 of 3 committed, 3 full steps outside, 2 backtracks x 3 stages
     assert "bob: KL per update max 0.008 vs delta 0.01; 3/3 updates committed; 3 full steps left the region; " \
            "6 backtracks" in text
-    assert "certificate (sum of stage bounds) -0.1500 vs measured gain (sum) 0.0600" in text
+    # gain >= bound for a1, a2, b2, a3; not for b1 (0 < 0.004) nor b3 (0.01 < 0.02): 4/6. Ranks of the bounds
+    # [1,3,2,5,4,6], of the gains [3,1,4,5,6,2]: Σd² = 4+4+4+0+4+16 = 32, ρ = 1 − 6·32/(6·35) = 0.086.
+    assert "6 updates with a bound and a paired gain; calibration 0.67 (gain >= bound), Spearman 0.09 per update" in text
+    assert "sum of bounds +0.0360 vs paired gains +0.1800" in text
+    # median SEs: paired over [0.01, 0.02] x 3 -> 0.015; held-out 0.02; δ used 0.5, 0.6, 0.7 for both -> median 0.6
+    assert "median SE paired (CRN) 0.0150, importance-sampled (held-out) 0.0200; backtracks per update 2.00; " \
+           "committed KL used 60% of delta (median)" in text
 
 
 def test_plot_draws_every_panel(tmp_path):
@@ -78,3 +92,68 @@ def test_console_output_gives_the_same_stages_as_the_metrics_file(tmp_path):
         assert from_console[step] == pytest.approx(from_file[step])
     out = tmp_path / "console.png"
     assert plot.main([str(tmp_path / "console.log"), "-o", str(out)]) == 0 and out.stat().st_size > 10_000
+
+
+def stage_line(step, ret, **extra):
+    return json.dumps({"step": step, "data": {"teamtr/stage/return_mean": ret, "teamtr/alice/kl": ret / 100,
+                                              "teamtr/alice/delta": 0.01, **extra}})
+
+
+def write_resumed_run(path):
+    """Run 1 logs its start-up validation and stages 1-4 (checkpoint at 2; stage 2 with its validation line, stage 3
+    with a key stage 3 of run 2 lacks), then is killed half-way through a line. Run 2 resumes from global_step_2:
+    its start-up validation at step 2, then stages 3-5."""
+    lines = [
+        json.dumps({"step": 0, "data": {"val-core/acc": 0.0}}),
+        stage_line(1, 0.1), stage_line(2, 0.2), json.dumps({"step": 2, "data": {"val-core/acc": 0.25}}),
+        stage_line(3, 0.3, **{"teamtr/stage/certificate": -1.0}), stage_line(4, 0.4), '{"step": 5, "data": {"te',
+        json.dumps({"step": 2, "data": {"val-core/acc": 0.26}}),
+        stage_line(3, 0.33), stage_line(4, 0.44), stage_line(5, 0.55),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_resumed_run_is_read_as_one_run(tmp_path):
+    write_resumed_run(tmp_path / "m.jsonl")
+    stages = summary.load_stages(tmp_path / "m.jsonl")
+    assert {s: d["teamtr/stage/return_mean"] for s, d in stages.items()} == {1: 0.1, 2: 0.2, 3: 0.33, 4: 0.44, 5: 0.55}
+    assert stages[2]["val-core/acc"] == 0.25  # run 1's stage 2 with its own validation line, not run 2's re-validation
+    assert "teamtr/stage/certificate" not in stages[3]  # run 2's stage 3 replaced run 1's whole, not key by key
+    text = summary.summarize(stages)
+    assert "TeamTR run: 5 stages" in text and "0.100 -> 0.550 (change +0.450)" in text
+
+
+def test_a_repeated_last_step_is_a_new_occurrence_and_later_stages_of_the_old_run_are_dropped(tmp_path):
+    # a: run 1 logged stages 1-4 (4 with a validation line), its last checkpoint was 2; run 2 resumed without a
+    # start-up validation and stopped after stage 3: run 1's stage 4 belongs to a timeline run 2 left.
+    (tmp_path / "a.jsonl").write_text("\n".join([
+        stage_line(1, 0.1), stage_line(2, 0.2), stage_line(3, 0.3), stage_line(4, 0.4, **{"x/only_run_1": 1.0}),
+        json.dumps({"step": 4, "data": {"val-core/acc": 0.5}}), stage_line(3, 0.33)]) + "\n")
+    stages = summary.load_stages(tmp_path / "a.jsonl")
+    assert {s: d["teamtr/stage/return_mean"] for s, d in stages.items()} == {1: 0.1, 2: 0.2, 3: 0.33}
+    # b: run 1 logged stages 1-2, its last checkpoint was 1; run 2 resumed without a start-up validation, so its
+    # first line repeats the last step: only the repeated keys tell it from a second line of the same step.
+    (tmp_path / "b.jsonl").write_text("\n".join([
+        stage_line(1, 0.1), stage_line(2, 0.2, **{"x/only_run_1": 1.0}), stage_line(2, 0.22)]) + "\n")
+    stages = summary.load_stages(tmp_path / "b.jsonl")
+    assert {s: d["teamtr/stage/return_mean"] for s, d in stages.items()} == {1: 0.1, 2: 0.22}
+    assert "x/only_run_1" not in stages[2]
+
+
+def test_occurrences_merge_one_steps_lines_and_mark_restarts():
+    rows = [(1, {"a": 1}), (1, {"b": 2}), (2, {"a": 3}), (2, {"a": 4}), (1, {"a": 5}), (3, {"a": 6})]
+    assert summary.occurrences(rows) == [(1, {"a": 1, "b": 2}, False), (2, {"a": 3}, False), (2, {"a": 4}, True),
+                                         (1, {"a": 5}, True), (3, {"a": 6}, False)]
+
+
+def test_plot_draws_a_resumed_run_once_per_stage(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    write_resumed_run(tmp_path / "m.jsonl")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot() draws, to read its lines back
+    plot.plot(tmp_path / "m.jsonl", tmp_path / "run.png")
+    (figure,) = figures
+    (return_line,) = figure.axes[plot.PANELS.index("team return")].get_lines()
+    assert return_line.get_xdata().tolist() == [1, 2, 3, 4, 5]
+    assert return_line.get_ydata().tolist() == [0.1, 0.2, 0.33, 0.44, 0.55]

@@ -16,6 +16,8 @@ CASES = [
     ("math_team", "config_homogeneous", ["Qwen3-8B"], 8),
     ("math_team", "config_heterogeneous", ["Qwen3-1.7B", "Qwen3-8B", "Qwen3-14B"], 8),
 ]
+# Where each recipe's prepare_data.py writes its data by default (--out ~/data/<name>)
+DATA_DIRS = {"gsm8k_solver_verifier": "gsm8k", "math_team": "math_team"}
 
 
 def _load(path: Path, name: str):
@@ -34,6 +36,11 @@ def test_recipe_config_composes_and_validates(recipe, config_name, models, gpus,
         (tmp_path / model).mkdir()
         (tmp_path / model / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     monkeypatch.setenv("TEAMTR_MODEL_DIR", str(tmp_path))
+    # stand-ins for the prepared data, where prepare_data.py puts it: the validation checks that the files exist
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data" / DATA_DIRS[recipe]).mkdir(parents=True)
+    for split in ("train", "test"):
+        (tmp_path / "data" / DATA_DIRS[recipe] / f"{split}.parquet").touch()
     with initialize_config_dir(config_dir=str(RECIPES / recipe), version_base=None):
         config = compose(config_name=config_name)
     team = validate_teamtr_config(config)

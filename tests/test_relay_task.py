@@ -108,7 +108,7 @@ def test_warm_started_team_is_right_at_the_mode_but_not_when_sampled(tmp_path):
     assert (tmp_path / "data" / "train.parquet").is_file() and (tmp_path / "data" / "test.parquet").is_file()
 
 
-def test_demo_config_composes_and_validates(tmp_path):
+def test_demo_config_composes_and_validates(tmp_path, tiny_data_dir):
     from teamtr_verl.rollout import CONFIG_DIR
 
     for name in ("alice", "bob"):
@@ -116,7 +116,8 @@ def test_demo_config_composes_and_validates(tmp_path):
         (tmp_path / name / "config.json").write_text("{}")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         config = compose(config_name="teamtr_relay_cpu", overrides=[
-            f"teamtr.agents=[{{name: alice, model: '{tmp_path / 'alice'}'}}, {{name: bob, model: '{tmp_path / 'bob'}'}}]"])
+            f"teamtr.agents=[{{name: alice, model: '{tmp_path / 'alice'}'}}, {{name: bob, model: '{tmp_path / 'bob'}'}}]",
+            f"data.train_files={tiny_data_dir / 'train.parquet'}", f"data.val_files={tiny_data_dir / 'test.parquet'}"])
     team = validate_teamtr_config(config)
     assert team.agent_names == ("alice", "bob") and team.schedule == "teamtr" and team.delta_of("bob") == 0.05
     # 32 prompts / mini-batches of 8 -> 4 gradient steps per agent update, as in the toy study

@@ -4,6 +4,7 @@ Each error test asserts that the message names the dotted key and the offending 
 Model directories are fakes under ``tmp_path`` holding only a config.json, which is all validation looks at.
 """
 
+import dataclasses
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from teamtr_verl.config import (
     AgentSpec,
+    CertificateSpec,
     HandoffSpec,
     RouterSpec,
     TeamConfig,
@@ -113,7 +115,7 @@ def test_actor_overrides_are_never_aliased(models):
 
 def test_config_is_frozen_and_hashable(models):
     team = TeamConfig.from_config(_block(models))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         team.delta = 1.0
     hash(team)
 
@@ -411,3 +413,91 @@ def test_colocate_ignores_n_devices(models):
     block = _block(models, placement="colocate")
     block["agents"][1]["n_devices"] = 8
     validate_placement(TeamConfig.from_config(block), 1)
+
+
+# ------------------------------------------------------------------------------------ the stage loop and certificate
+
+
+def test_stage_loop_and_certificate_defaults(models):
+    team = TeamConfig.from_config(_block(models))
+    assert (team.schedule, team.resample_every, team.order, team.order_seed) == ("teamtr", None, "fixed", 0)
+    assert (team.enforce, team.max_backtracks, team.step_safety) == (True, 5, 0.9)
+    assert (team.kl_estimator, team.kl_reduction, team.ratio_level) == ("k3", "message_sum", "token")
+    assert (team.a_clip, team.norm_eps, team.on_nonfinite) == (5.0, 1e-6, "error")
+    assert team.certificate == CertificateSpec()
+    assert team.certificate == CertificateSpec(bound="is_lcb", heldout_fraction=0.25, confidence_t=1.645,
+                                               return_range=None, crn=True, closing_regeneration=True)
+
+
+def test_stage_loop_and_certificate_from_omegaconf(models):
+    yaml = f"""
+    agents: [{{name: planner, model: {models['planner']}}}, {{name: solver, model: {models['solver']}}}]
+    schedule: happo
+    step_safety: 0.5
+    max_backtracks: 0
+    kl_estimator: k1
+    kl_reduction: token_mean
+    ratio_level: message
+    on_nonfinite: skip
+    certificate: {{bound: theorem, heldout_fraction: 0, confidence_t: 0, return_range: 2, crn: false,
+                   closing_regeneration: false}}
+    """
+    team = TeamConfig.from_config(OmegaConf.create(yaml))
+    assert (team.schedule, team.step_safety, team.max_backtracks) == ("happo", 0.5, 0)
+    assert (team.kl_estimator, team.kl_reduction, team.ratio_level, team.on_nonfinite) == (
+        "k1", "token_mean", "message", "skip")
+    assert team.certificate == CertificateSpec(bound="theorem", heldout_fraction=0.0, confidence_t=0.0,
+                                               return_range=2.0, crn=False, closing_regeneration=False)
+    assert TeamConfig.from_config(_block(models, certificate=None)).certificate == CertificateSpec()
+    assert TeamConfig.from_config(_block(models, step_safety=1)).step_safety == 1.0  # (0, 1]: 1 is allowed
+
+
+@pytest.mark.parametrize(
+    "top, expected",
+    [
+        ({"schedule": "joint"}, "teamtr.schedule='joint' is not valid: choose one of teamtr, stale, happo"),
+        ({"schedule": "async"}, "teamtr.schedule='async' is not valid: choose one of teamtr, stale, happo"),
+        ({"schedule": "stale", "resample_every": 2},
+         "teamtr.resample_every=2 only applies to teamtr.schedule='teamtr' (it is 'stale'); set it to null"),
+        ({"resample_every": 0}, "teamtr.resample_every=0 must be >= 1"),
+        ({"order": "sideways"}, "teamtr.order='sideways' is not valid: choose one of fixed, reversed, random"),
+        ({"enforce": "yes"}, "teamtr.enforce='yes' must be true or false"),
+        ({"max_backtracks": -1}, "teamtr.max_backtracks=-1 must be >= 0"),
+        ({"step_safety": 0}, "teamtr.step_safety=0 must be > 0"),
+        ({"step_safety": 1.5}, "teamtr.step_safety=1.5 must be in (0, 1]: the first try aims at step_safety²·δ"),
+        ({"step_safety": "0.9"}, "teamtr.step_safety='0.9' must be a finite number > 0"),
+        ({"kl_estimator": "k2"}, "teamtr.kl_estimator='k2' is not valid: choose one of k1, k3"),
+        ({"kl_reduction": "none"}, "teamtr.kl_reduction='none' is not valid: choose one of message_sum, token_mean"),
+        ({"kl_reduction": "sum"}, "teamtr.kl_reduction='sum' is not valid: choose one of message_sum, token_mean"),
+        ({"ratio_level": "sequence"}, "teamtr.ratio_level='sequence' is not valid: choose one of token, message"),
+        ({"on_nonfinite": "ignore"}, "teamtr.on_nonfinite='ignore' is not valid: choose one of error, skip"),
+        ({"certificate": [1]}, "teamtr.certificate=[1] must be a mapping"),
+        ({"certificate": {"bound": "ucb"}},
+         "teamtr.certificate.bound='ucb' is not valid: choose one of is_lcb, theorem"),
+        ({"certificate": {"heldout_fraction": 1.0}},
+         "teamtr.certificate.heldout_fraction=1.0 must be < 1: some prompt groups must be trained on"),
+        ({"certificate": {"heldout_fraction": -0.1}}, "teamtr.certificate.heldout_fraction=-0.1 must be >= 0"),
+        ({"certificate": {"heldout_fraction": "0.25"}},
+         "teamtr.certificate.heldout_fraction='0.25' must be a finite number >= 0"),
+        ({"certificate": {"confidence_t": -1}}, "teamtr.certificate.confidence_t=-1 must be >= 0"),
+        ({"certificate": {"return_range": 0}}, "teamtr.certificate.return_range=0 must be > 0"),
+        ({"certificate": {"crn": "yes"}}, "teamtr.certificate.crn='yes' must be true or false"),
+        ({"certificate": {"closing_regeneration": 1}},
+         "teamtr.certificate.closing_regeneration=1 must be true or false"),
+        ({"certificate": {"form": "theorem"}},
+         "teamtr.certificate.form is not a known key: known keys are bound, heldout_fraction, confidence_t, "
+         "return_range, crn, closing_regeneration"),
+    ],
+)
+def test_bad_stage_loop_and_certificate_values(models, top, expected):
+    message = _error(_block(models, **top))
+    assert message == expected
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", ["backtrack_factor", "certificate_form", "gamma"])  # removed with the line search
+def test_removed_stage_loop_keys_are_unknown(models, key):
+    message = _error(_block(models, **{key: 0.5}))
+    assert message.startswith(f"teamtr.{key} is not a known key: known keys are agents, router, handoff, placement")
+    assert "step_safety" in message and "certificate" in message and "kl_reduction" in message
+    assert "\n" not in message

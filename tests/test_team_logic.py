@@ -20,7 +20,11 @@ from teamtr_verl.team_logic import (
     check_agent_views,
     episode_key,
     format_transcript,
+    heldout_prompts,
+    prompt_seeds,
     router_schedule,
+    transcript_visible,
+    turn_seed,
 )
 
 HANDOFF = HandoffSpec()  # "{name}: {content}" under "Conversation so far:", answer last
@@ -282,3 +286,109 @@ def test_check_agent_views_catches_misspelt_names():
     expected = r"views for \['plnner'\], which are no agents: agents are \['planner', 'solver'\]"
     with pytest.raises(ValueError, match=expected):
         check_agent_views({"agent_views": {"plnner": "s"}}, ["planner", "solver"])
+
+
+# ------------------------------------------------------------------------------------------------ hidden transcript
+
+
+def _text_of(messages):
+    return "\n".join(m["content"] for m in messages)
+
+
+@pytest.mark.parametrize("extra_info", [None, {}, {"index": 3}, {"show_transcript": None}, {"show_transcript": True}])
+def test_transcript_is_shown_by_default(extra_info):
+    assert transcript_visible(extra_info) is True
+    task = agent_view(extra_info, SHARED_PROMPT, "solver")
+    assert task.show_transcript is True
+    messages = build_agent_messages(SOLVER, task, [Message("planner", 0, "msg 4")], HANDOFF)
+    assert messages == build_agent_messages(SOLVER, list(task), [Message("planner", 0, "msg 4")], HANDOFF)
+    assert "Conversation so far:\nplanner: msg 4" in _text_of(messages)
+
+
+def test_a_row_can_hide_the_transcript_from_every_speaker():
+    """A simultaneous-move game: agents speak in turn, but each sees only its own view (or the shared prompt)."""
+    extra_info = {**_relay_row(7), "show_transcript": False}
+    transcript = [Message("planner", 0, "msg 7"), Message("critic", 1, "looks fine")]
+    with_view = build_agent_messages(SOLVER, agent_view(extra_info, SHARED_PROMPT, "solver"), transcript, HANDOFF)
+    assert with_view == [{"role": "system", "content": "You are the solver."},
+                         {"role": "user", "content": "You are agent B. Reply #### x."}]
+    # an agent without a view sees the shared prompt, and no transcript either
+    shared = agent_view(extra_info, SHARED_PROMPT, "critic")
+    critic = build_agent_messages(AgentSpec(name="critic", model="/m/c"), shared, transcript, HANDOFF)
+    assert critic == build_agent_messages(AgentSpec(name="critic", model="/m/c"), SHARED_PROMPT, [], HANDOFF)
+    assert "msg 7" not in _text_of(with_view) + _text_of(critic)
+
+
+def test_show_transcript_argument_overrides_the_row():
+    transcript = [Message("planner", 0, "msg 7")]
+    hidden = agent_view({"show_transcript": False}, SHARED_PROMPT, "solver")
+    assert "msg 7" in _text_of(build_agent_messages(SOLVER, hidden, transcript, HANDOFF, show_transcript=True))
+    plain = [{"role": "user", "content": "Solve it."}]  # a plain list shows the transcript unless told otherwise
+    assert "msg 7" in _text_of(build_agent_messages(SOLVER, plain, transcript, HANDOFF))
+    assert build_agent_messages(SOLVER, plain, transcript, HANDOFF, show_transcript=False) == [
+        {"role": "system", "content": "You are the solver."}, {"role": "user", "content": "Solve it."}]
+
+
+def test_show_transcript_from_parquet_and_bad_values():
+    import numpy as np
+
+    assert transcript_visible({"show_transcript": np.bool_(False)}) is False
+    assert transcript_visible({"show_transcript": np.bool_(True)}) is True
+    for bad in ("false", 0, [False]):
+        with pytest.raises(TypeError, match="must be true or false"):
+            transcript_visible({"show_transcript": bad})
+
+
+# ------------------------------------------------------------------------------- common random numbers, held-out
+
+
+def test_prompt_seeds_are_fixed_for_a_stage_and_differ_across_stages_and_prompts():
+    seeds = prompt_seeds(stage=3, num_prompts=16, base=0)
+    assert len(seeds) == 16 and len(set(seeds)) == 16  # one distinct seed per prompt
+    assert prompt_seeds(3, 16, 0) == seeds  # every regeneration of the stage draws the same numbers
+    assert prompt_seeds(3, 4, 0) == seeds[:4]  # a prompt's seed does not depend on the batch size
+    assert set(prompt_seeds(4, 16, 0)).isdisjoint(seeds)  # the next stage samples afresh
+    assert set(prompt_seeds(3, 16, 1)).isdisjoint(seeds)  # another run (base) too
+    assert all(isinstance(s, int) and 0 <= s < 2**31 - 1 for s in seeds)  # an int32 seed for every backend
+    assert prompt_seeds(0, 0) == []
+
+
+def test_turn_seeds_are_distinct_per_session_and_turn_and_reproducible():
+    base = prompt_seeds(1, 1)[0]
+    grid = {(session, turn): turn_seed(base, session, turn) for session in range(8) for turn in range(6)}
+    assert len(set(grid.values())) == len(grid)
+    assert all(turn_seed(base, s, t) == seed for (s, t), seed in grid.items())
+    assert turn_seed(base + 1, 0, 0) != grid[0, 0]
+    assert all(0 <= seed < 2**31 - 1 for seed in grid.values())
+
+
+def test_seeds_do_not_depend_on_the_process():
+    """blake2b of the values, never Python's salted hash(): the same in every process whatever PYTHONHASHSEED."""
+    code = ("from teamtr_verl.team_logic import prompt_seeds, turn_seed, heldout_prompts;"
+            "print(prompt_seeds(5, 3, 2), turn_seed(123, 1, 2), sorted(heldout_prompts(10, 0.3, 5, 2)))")
+    outputs = set()
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        outputs.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                   env=env).stdout)
+    assert outputs == {f"{prompt_seeds(5, 3, 2)} {turn_seed(123, 1, 2)} {sorted(heldout_prompts(10, 0.3, 5, 2))}\n"}
+
+
+@pytest.mark.parametrize("num_prompts, fraction, count", [
+    (4, 0.25, 1), (8, 0.25, 2), (10, 0.25, 2), (10, 0.35, 4), (16, 0.5, 8),
+    (4, 0.01, 1),  # round(0.04) = 0, raised to 1: some prompt must measure the update
+    (4, 0.9, 3), (2, 0.99, 1),  # at most P − 1: some prompt must be trained on
+    (4, 0.0, 0), (1, 0.5, 0),  # nothing held out: no fraction, or a single prompt
+])
+def test_heldout_prompt_counts(num_prompts, fraction, count):
+    heldout = heldout_prompts(num_prompts, fraction, stage=1)
+    assert isinstance(heldout, frozenset) and len(heldout) == count
+    assert heldout <= set(range(num_prompts))
+
+
+def test_heldout_prompts_are_deterministic_per_stage_and_vary_across_stages():
+    first = heldout_prompts(32, 0.25, stage=7, seed=3)
+    assert heldout_prompts(32, 0.25, stage=7, seed=3) == first  # a resumed run holds out the same prompts
+    assert len({heldout_prompts(32, 0.25, stage=s, seed=3) for s in range(10)}) > 1
+    assert len({heldout_prompts(32, 0.25, stage=7, seed=s) for s in range(10)}) > 1
+    assert heldout_prompts(32, 0.0, stage=7, seed=3) == frozenset()

@@ -5,7 +5,7 @@ import asyncio
 import math
 
 import pytest
-from omegaconf import OmegaConf
+from verl.workers.rollout.replica import TokenOutput
 
 from teamtr_verl.fixtures import build_tiny_model
 from teamtr_verl.rollout import CONFIG_DIR, compose
@@ -20,7 +20,6 @@ from teamtr_verl.team import (
     _TeamAgentLoopWorker,
     agent_tokenizer,
 )
-from verl.workers.rollout.replica import TokenOutput
 
 
 @pytest.fixture(scope="module")

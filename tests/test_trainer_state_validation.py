@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pathlib
 import random
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from teamtr_verl import algos
 from teamtr_verl.algos import BetaState
 from teamtr_verl.config import TeamConfig, TeamConfigError
 from teamtr_verl.fixtures import build_tiny_model
@@ -47,13 +49,26 @@ def busy_state() -> TeamTRState:
     state.next_order(t)
     state.next_order(t)
     state.stages_done = 2
-    state.set_beta_state("alice", BetaState(beta=0.2025, tries=0, num_updates=2, num_backtracks=2, last_kl=0.009))
-    state.set_beta_state("bob", BetaState(beta=0.3375, num_updates=1, num_give_ups=1, last_kl=0.3))
-    state.kl_history = {"alice": [0.004, 0.009], "bob": [], "carol": [0.001]}
-    state.certificate_sum, state.measured_gain_sum, state.last_return_mean = -0.75, 0.5, 0.625
-    state.updates_history = [{"stage": 1, "agent": "alice", "bound": -0.1, "measured_gain": 0.25},
-                             {"stage": 2, "agent": "carol", "bound": -0.2, "measured_gain": None}]
-    state.gain_pairs = [[-0.1, 0.25], [-0.3, 0.25]]
+    state.set_beta_state("alice", BetaState(beta=0.144, num_updates=2, num_backtracks=2, last_kl=0.2))
+    state.set_beta_state("bob", BetaState(beta=0.24, num_updates=1, num_give_ups=1, last_kl=0.5))
+    state.record_update(update(1, "alice", kl=0.009, kl_full=0.2, alpha=0.1, bound=-0.1))
+    state.record_paired_gain(algos.GainEstimate(0.25, 0.05, 8), stage=1)
+    state.record_update(update(2, "bob", committed=False, kl=0.0, kl_full=0.5, alpha=0.0))
+    state.record_update(update(2, "carol", kl=0.001, kl_full=0.001, alpha=1.0, bound=-0.2))
+    return state
+
+
+def update(stage, agent, committed=True, **extra):
+    """A ledger entry as the trainer records it (only the keys the state reads are required)."""
+    return {"stage": stage, "agent": agent, "position": 0, "committed": committed, "delta": 0.01, **extra}
+
+
+def pairs_state(bounds, gains):
+    """One committed update per stage, each measured by its own paired gain."""
+    state = TeamTRState.initial(team())
+    for stage, (bound, gain) in enumerate(zip(bounds, gains), start=1):
+        state.record_update(update(stage, "alice", kl=0.005, bound=bound))
+        state.record_paired_gain(algos.GainEstimate(gain, 0.1, 8), stage=stage)
     return state
 
 
@@ -64,11 +79,12 @@ def test_initial_state():
     state = TeamTRState.initial(t)
     assert state.agent_names == ["alice", "bob"]
     assert state.agent_models == {"alice": "/m/a", "bob": "/m/b"}
-    assert state.stages_done == 0 and state.last_return_mean is None
+    assert state.stages_done == 0
     assert state.beta_state("alice") == BetaState(beta=0.5)  # its own beta_init
     assert state.beta_state("bob") == BetaState(beta=0.2)  # the team default
     assert state.kl_history == {"alice": [], "bob": []}
-    assert state.updates_history == [] and state.gain_pairs == []
+    assert state.ledger == [] and state.gain_pairs == []
+    assert state.certificate_stats() == {}
 
 
 @pytest.mark.parametrize("order, expected", [("fixed", list(NAMES)), ("reversed", list(NAMES[::-1]))])
@@ -103,8 +119,15 @@ def test_save_load_round_trip_keeps_every_field_and_the_order_rng(tmp_path):
     assert path == tmp_path / STATE_FILE
     loaded = TeamTRState.load(tmp_path)
     assert loaded == state
-    assert loaded.beta_state("alice") == BetaState(beta=0.2025, num_updates=2, num_backtracks=2, last_kl=0.009)
-    assert loaded.kl_history["alice"] == [0.004, 0.009] and loaded.gain_pairs == [[-0.1, 0.25], [-0.3, 0.25]]
+    assert loaded.beta_state("alice") == BetaState(beta=0.144, num_updates=2, num_backtracks=2, last_kl=0.2)
+    assert loaded.kl_history == {"alice": [0.009], "bob": [], "carol": [0.001]}
+    assert loaded.gain_pairs == [[-0.1, 0.25]]
+    assert [(u["stage"], u["agent"], u["measured"], u["crn_gain"]) for u in loaded.ledger] == [
+        (1, "alice", True, 0.25), (2, "bob", False, None), (2, "carol", False, None)]
+    # the unmeasured updates of stage 2 are still paired by the resumed run (e.g. its closing regeneration)
+    paired = loaded.record_paired_gain(algos.GainEstimate(0.5, 0.1, 8), stage=2)
+    assert [u["agent"] for u in paired] == ["bob", "carol"]
+    assert loaded.gain_pairs == [[-0.1, 0.25], [-0.2, 0.5]]
     # the orders drawn after the round trip are the ones the run would have drawn without it: stages 3.. of seed 5
     t = team(order="random", order_seed=5)
     after = [loaded.next_order(t) for _ in range(3)]
@@ -156,11 +179,101 @@ def test_from_dict_rejects_unknown_keys_and_other_versions():
     data = busy_state().to_dict()
     with pytest.raises(ValueError, match=r"unknown keys \['surprise'\]"):
         TeamTRState.from_dict({**data, "surprise": 1})
-    with pytest.raises(ValueError, match=r"version 2; this teamtr-verl reads version 1"):
-        TeamTRState.from_dict({**data, "version": 2})
+    assert STATE_VERSION == 2
+    with pytest.raises(ValueError, match=r"version 1; this teamtr-verl reads version 2"):
+        TeamTRState.from_dict({**data, "version": 1})  # a v1 state (updates_history, certificate_sum...) is refused
+    v1 = {key: value for key, value in data.items() if key not in ("ledger",)}
+    v1.update(version=2, updates_history=[], certificate_sum=0.0, measured_gain_sum=0.0, last_return_mean=None)
+    with pytest.raises(ValueError, match=r"unknown keys \['certificate_sum', 'last_return_mean', 'measured_gain_sum', "
+                                         r"'updates_history'\]"):
+        TeamTRState.from_dict(v1)
     data.pop("version")
     with pytest.raises(ValueError, match="version None"):
         TeamTRState.from_dict(data)
+
+
+# ------------------------------------------------------------------------------------- the certificate ledger
+def test_record_update_appends_to_the_ledger_and_the_kl_history_of_committed_updates():
+    state = TeamTRState.initial(team())
+    entry = update(1, "alice", kl=0.009, bound=-0.1)
+    state.record_update(entry)
+    state.record_update(update(1, "bob", committed=False, kl=0.0))
+    assert state.ledger == [{**entry, "crn_gain": None, "crn_gain_se": None, "measured": False},
+                            {**update(1, "bob", committed=False, kl=0.0), "crn_gain": None, "crn_gain_se": None,
+                             "measured": False}]
+    assert "measured" not in entry  # the caller's dict is not modified
+    assert state.kl_history == {"alice": [0.009], "bob": [], "carol": []}
+
+
+def test_record_paired_gain_measures_each_update_once_teamtr():
+    """teamtr: a regeneration after each update pairs with the one before it: one update, one pair."""
+    state = TeamTRState.initial(team())
+    state.record_update(update(3, "alice", kl=0.009, bound=-0.1))
+    measured = state.record_paired_gain(algos.GainEstimate(0.25, 0.05, 8), stage=3)
+    assert [u["agent"] for u in measured] == ["alice"]
+    state.record_update(update(3, "bob", kl=0.004, bound=0.02))
+    assert [u["agent"] for u in state.record_paired_gain(algos.GainEstimate(-0.1, 0.02, 7), stage=3)] == ["bob"]
+    assert [(u["crn_gain"], u["crn_gain_se"], u["measured"]) for u in state.ledger] == [
+        (0.25, 0.05, True), (-0.1, 0.02, True)]
+    assert state.gain_pairs == [[-0.1, 0.25], [0.02, -0.1]]
+    assert state.record_paired_gain(algos.GainEstimate(1.0, 0.1, 8), stage=3) == []  # nothing left to measure
+    assert len(state.gain_pairs) == 2
+
+
+def test_record_paired_gain_shares_one_pair_between_the_updates_of_a_stale_stage():
+    state = TeamTRState.initial(team())
+    state.record_update(update(2, "alice", kl=0.009, bound=-0.1))
+    state.record_update(update(2, "bob", committed=False, kl=0.0))  # given up: no bound, still measured
+    state.record_update(update(2, "carol", kl=0.002, bound=-0.25))
+    measured = state.record_paired_gain(algos.GainEstimate(0.4, 0.1, 8), stage=2)
+    assert [u["agent"] for u in measured] == ["alice", "bob", "carol"]
+    assert all(u["crn_gain"] == 0.4 and u["measured"] for u in state.ledger)
+    assert state.gain_pairs == [[pytest.approx(-0.35), 0.4]]  # the bounds of the committed updates add up
+
+
+def test_record_paired_gain_needs_a_bound_on_every_committed_update_to_make_a_pair():
+    state = TeamTRState.initial(team())
+    state.record_update(update(1, "alice", kl=0.009, bound=None))  # e.g. heldout_fraction=0
+    state.record_update(update(1, "bob", kl=0.009, bound=-0.1))
+    assert len(state.record_paired_gain(algos.GainEstimate(0.2, 0.1, 8), stage=1)) == 2
+    assert state.gain_pairs == []  # a pair with half the bound would be miscalibrated
+    state.record_update(update(2, "alice", committed=False, kl=0.0))  # nothing committed: no pair
+    assert len(state.record_paired_gain(algos.GainEstimate(0.0, 0.1, 8), stage=2)) == 1
+    assert state.gain_pairs == []
+
+
+def test_record_paired_gain_never_pairs_an_earlier_stage():
+    """An update left unmeasured (no closing regeneration) is not measured by another stage's episodes."""
+    state = TeamTRState.initial(team())
+    state.record_update(update(1, "bob", kl=0.009, bound=-0.1))
+    state.record_update(update(2, "alice", kl=0.004, bound=-0.2))
+    assert [u["agent"] for u in state.record_paired_gain(algos.GainEstimate(0.3, 0.1, 8), stage=2)] == ["alice"]
+    assert [(u["agent"], u["measured"], u["crn_gain"]) for u in state.ledger] == [
+        ("bob", False, None), ("alice", True, 0.3)]
+    assert state.gain_pairs == [[-0.2, 0.3]]
+
+
+def test_certificate_stats_by_hand():
+    """bounds −0.1 −0.3 0.2 0.05, gains 0.25 −0.4 0.1 0.35:
+    calibration: 0.25 ≥ −0.1, −0.4 < −0.3, 0.1 < 0.2, 0.35 ≥ 0.05 -> 2/4;
+    Spearman: ranks (2 1 4 3) vs (3 1 2 4), Σd² = 1 + 0 + 4 + 1 = 6 -> 1 − 6·6/(4·15) = 0.4;
+    cumulative: bounds −0.1 −0.4 −0.2 −0.15 (ranks 4 1 2 3), gains 0.25 −0.15 −0.05 0.30 (ranks 3 1 2 4),
+    Σd² = 2 -> 1 − 6·2/60 = 0.8."""
+    state = pairs_state([-0.1, -0.3, 0.2, 0.05], [0.25, -0.4, 0.1, 0.35])
+    assert state.gain_pairs == [[-0.1, 0.25], [-0.3, -0.4], [0.2, 0.1], [0.05, 0.35]]
+    stats = state.certificate_stats()
+    assert stats == {"calibration": 0.5, "pairs": 4.0, "bound_sum": pytest.approx(-0.15),
+                     "gain_sum": pytest.approx(0.30), "spearman": pytest.approx(0.4),
+                     "spearman_cumulative": pytest.approx(0.8)}
+
+
+def test_certificate_stats_need_three_pairs_and_a_varying_series_for_a_correlation():
+    assert TeamTRState.initial(team()).certificate_stats() == {}
+    two = pairs_state([-0.1, 0.3], [0.2, 0.1]).certificate_stats()
+    assert two == {"calibration": 0.5, "pairs": 2.0, "bound_sum": pytest.approx(0.2), "gain_sum": pytest.approx(0.3)}
+    flat = pairs_state([-0.1, 0.2, 0.05], [0.1, 0.1, 0.1]).certificate_stats()  # constant gains: ρ undefined
+    assert flat["calibration"] == pytest.approx(2 / 3) and "spearman" not in flat
+    assert flat["spearman_cumulative"] == pytest.approx(1.0)  # the cumulative gains still rise
 
 
 # ------------------------------------------------------------------------------------------ validate_teamtr_config
@@ -174,9 +287,14 @@ def agents_override(model_dirs):
     return "teamtr.agents=[" + ", ".join(f"{{name: {n}, model: '{d}'}}" for n, d in zip(NAMES, model_dirs)) + "]"
 
 
+def data_overrides(data_dir):
+    """The validation checks that the data files exist: the tiny fixture dataset's."""
+    return [f"data.train_files={data_dir / 'train.parquet'}", f"data.val_files={data_dir / 'test.parquet'}"]
+
+
 @pytest.fixture(scope="module")
-def good_config(model_dirs):
-    return compose(str(CONFIG_DIR), "teamtr_tiny_cpu", [agents_override(model_dirs)])
+def good_config(model_dirs, tiny_data_dir):
+    return compose(str(CONFIG_DIR), "teamtr_tiny_cpu", [agents_override(model_dirs), *data_overrides(tiny_data_dir)])
 
 
 def test_good_config_passes(good_config):
@@ -191,7 +309,9 @@ def test_good_config_passes(good_config):
     ("trainer.n_gpus_per_node", 1, "teamtr.placement='split' needs 2 devices (alice: 1, bob: 1) but "
                                    "trainer.n_gpus_per_node * trainer.nnodes = 1"),
     ("teamtr.order", "sideways", "teamtr.order='sideways' is not valid: choose one of fixed, reversed, random"),
-    ("teamtr.schedule", "async", "teamtr.schedule='async' is not valid: choose one of teamtr, stale, joint, happo"),
+    ("teamtr.schedule", "async", "teamtr.schedule='async' is not valid: choose one of teamtr, stale, happo"),
+    ("teamtr.schedule", "joint", "teamtr.schedule='joint' is not valid: choose one of teamtr, stale, happo"),
+    ("teamtr.certificate.heldout_fraction", 1.0, "teamtr.certificate.heldout_fraction=1.0 must be < 1"),
     ("trainer.resume_mode", "sometimes", "trainer.resume_mode='sometimes' is not valid"),
     ("critic.enable", True, "critic.enable=True is not supported"),
     ("algorithm.use_kl_in_reward", True, "algorithm.use_kl_in_reward=True is not supported"),
@@ -213,10 +333,54 @@ def test_resample_every_needs_schedule_teamtr(good_config):
         validate_teamtr_config(config)
 
 
-def test_bad_config_through_hydra_overrides(model_dirs):
+def test_bad_config_through_hydra_overrides(model_dirs, tiny_data_dir):
     """The same check on a config composed with the override on the command line, as main_ppo would see it."""
-    config = compose(str(CONFIG_DIR), "teamtr_tiny_cpu", [agents_override(model_dirs), "teamtr.order=sideways"])
+    config = compose(str(CONFIG_DIR), "teamtr_tiny_cpu",
+                     [agents_override(model_dirs), *data_overrides(tiny_data_dir), "teamtr.order=sideways"])
     with pytest.raises(TeamConfigError, match="teamtr.order='sideways'"):
+        validate_teamtr_config(config)
+
+
+VALID_DATA = "set {key} to an existing parquet/json file, a glob or a list of them, or a hdfs://, s3:// or gs:// URL"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("data.train_files", "/nonexistent/train.parquet", "data.train_files='/nonexistent/train.parquet' does not exist"),
+    ("data.val_files", None, "data.val_files=None is not set"),
+    ("data.val_files", [], "data.val_files=[] is not set"),
+    ("data.train_files", "", "data.train_files='' is not a path"),
+    ("data.val_files", "/nonexistent/*.parquet", "data.val_files='/nonexistent/*.parquet' does not exist"),
+    ("data.train_files", "~/data/rlhf/gsm8k/train.parquet",  # verl's own default, and its loader keeps the ~
+     "data.train_files='~/data/rlhf/gsm8k/train.parquet' does not exist (verl does not expand ~: write the full path)"),
+])
+def test_missing_data_files_name_the_key_the_value_and_what_is_valid(good_config, key, value, expected):
+    config = copy.deepcopy(good_config)
+    OmegaConf.update(config, key, value, merge=False)
+    with pytest.raises(TeamConfigError) as error:
+        validate_teamtr_config(config)
+    assert str(error.value) == f"{expected}: {VALID_DATA.format(key=key)}"
+
+
+def test_a_missing_file_in_a_list_is_named_by_its_index(good_config, tiny_data_dir):
+    config = copy.deepcopy(good_config)
+    OmegaConf.update(config, "data.val_files", [str(tiny_data_dir / "test.parquet"), "/nonexistent/aime.parquet"],
+                     merge=False)
+    with pytest.raises(TeamConfigError, match=r"^data.val_files\[1\]='/nonexistent/aime.parquet' does not exist: "):
+        validate_teamtr_config(config)
+
+
+def test_remote_globbed_and_relative_data_files_pass(good_config, tiny_data_dir, monkeypatch):
+    config = copy.deepcopy(good_config)
+    OmegaConf.update(config, "data.train_files", ["hdfs://cluster/data/train.parquet", "s3://bucket/train.parquet",
+                                                  str(tiny_data_dir / "train.parquet")], merge=False)
+    OmegaConf.update(config, "data.val_files", "gs://bucket/test.parquet")
+    validate_teamtr_config(config)  # URLs are not checked: their clients fetch them at load time
+    OmegaConf.update(config, "data.train_files", str(tiny_data_dir / "*.parquet"))
+    monkeypatch.chdir(tiny_data_dir)
+    OmegaConf.update(config, "data.val_files", "test.parquet")  # relative to the working directory, as verl opens it
+    validate_teamtr_config(config)
+    OmegaConf.update(config, "data.val_files", "file:///nonexistent/test.parquet")  # a local file, not a remote one
+    with pytest.raises(TeamConfigError, match="data.val_files='file:///nonexistent/test.parquet' does not exist"):
         validate_teamtr_config(config)
 
 
@@ -225,17 +389,22 @@ MAIN_PPO_CASES = {
     "rollout_n_1": ("actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.n=1"),
     "missing_model": ("teamtr.agents.1.model=/nonexistent/teamtr_model",
                       "teamtr.agents[1].model='/nonexistent/teamtr_model' does not exist"),
+    "missing_data": ("data.train_files=/nonexistent/train.parquet",
+                     "data.train_files='/nonexistent/train.parquet' does not exist"),
 }
 
 
 @pytest.fixture(scope="module")
-def main_ppo_runs(model_dirs):
-    """Both bad runs of ``python -m verl.trainer.main_ppo``, started together (each spends ~8 s importing verl)."""
+def main_ppo_runs(model_dirs, tiny_data_dir):
+    """The bad runs of ``python -m verl.trainer.main_ppo``, started together (each spends ~8 s importing verl)."""
+    # Should a check fail to stop a run, ray.init must fail at once rather than start a cluster: point it at nothing.
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1")
     procs = {}
     for case, (override, _) in MAIN_PPO_CASES.items():
         command = [sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(CONFIG_DIR),
-                   "--config-name", "teamtr_tiny_cpu", agents_override(model_dirs), override]
-        procs[case] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   "--config-name", "teamtr_tiny_cpu", agents_override(model_dirs), *data_overrides(tiny_data_dir),
+                   override]
+        procs[case] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     results = {}
     try:
         for case, proc in procs.items():

