@@ -41,16 +41,17 @@ class ScriptedServer:
 
     def __init__(self, name, model_dir, reply):
         self.name, self.tokenizer, self.reply = name, agent_tokenizer(str(model_dir)), reply
-        self.prompts = []
+        self.prompts, self.seeds = [], []
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
         assert "teamtr_agent" not in kwargs  # the routing kwarg never reaches a real server
         self.prompts.append(list(prompt_ids))
+        self.seeds.append(sampling_params.get("seed"))
         ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
         return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), extra_fields={"global_steps": 3})
 
 
-def run_episode(config, servers, **row):
+def run_episode(config, servers, session_id=0, **row):
     from transformers import AutoTokenizer
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
@@ -61,7 +62,7 @@ def run_episode(config, servers, **row):
         tokenizer=AutoTokenizer.from_pretrained(config.actor_rollout_ref.model.path), processor=None,
         dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data),
     )
-    return asyncio.run(loop.run({"temperature": 1.0}, uid="u1", session_id=0, **row))
+    return asyncio.run(loop.run({"temperature": 1.0}, uid="u1", session_id=session_id, **row))
 
 
 ROW = {
@@ -203,3 +204,24 @@ def test_raising_reward_drops_the_trajectory(two_agents):
 
     with pytest.raises(TeamRewardError, match="reward raised for uid=u1 session=0: KeyError"):
         scored_episode(two_agents, broken)
+
+
+def test_each_turn_is_sampled_with_the_episodes_common_random_numbers(two_agents):
+    """With the trainer's per-prompt seed on the row, every turn asks vLLM for turn_seed(prompt seed, session, turn):
+    the same numbers in every regeneration of a stage (only the updated agent then changes an episode); without it,
+    no seed is sent (vLLM's own randomness, e.g. validation)."""
+    from teamtr_verl.team import SEED_FIELD
+    from teamtr_verl.team_logic import turn_seed
+
+    alice, bob = two_agents
+    config = team_config(alice, bob)
+    servers = {"alice": ScriptedServer("alice", alice, "msg 7"), "bob": ScriptedServer("bob", bob, "#### 7")}
+    for _ in range(2):  # two regenerations of the same episode
+        run_episode(config, servers, session_id=3, **ROW, **{SEED_FIELD: 1234})
+    run_episode(config, servers, session_id=4, **ROW, **{SEED_FIELD: 1234})
+    expected = [turn_seed(1234, 3, 0), turn_seed(1234, 3, 0), turn_seed(1234, 4, 0)]
+    assert servers["alice"].seeds == expected
+    assert servers["bob"].seeds == [turn_seed(1234, 3, 1), turn_seed(1234, 3, 1), turn_seed(1234, 4, 1)]
+    assert len(set(servers["alice"].seeds + servers["bob"].seeds)) == 4  # per session and turn, never shared
+    run_episode(config, servers, **ROW)
+    assert servers["alice"].seeds[-1] is None and servers["bob"].seeds[-1] is None
