@@ -1,5 +1,5 @@
 """End to end: the demo's own config (`make demo`: teamtr_relay_cpu, 32 prompts x 8 per regeneration, delta 0.05) on
-the warm-started relay team still learns under the reworked trust region and certificate, for 3 stages.
+the warm-started relay team still learns under the reworked trust region and certificate, for 2 stages (4 updates).
 
 Asserted from the run's metrics: every committed update's KL is <= its delta; every update got a paired gain on its
 own stage's episodes (closing regeneration included) and the gains add up to an improvement well above their noise;
@@ -15,7 +15,7 @@ from teamtr_verl.runs import run_main_ppo, team_override
 
 pytestmark = pytest.mark.e2e
 
-STAGES, DELTA = 3, 0.05
+STAGES, DELTA = 2, 0.05
 
 
 def test_the_demo_config_learns_inside_the_trust_region(tmp_path):
@@ -40,5 +40,5 @@ def test_the_demo_config_learns_inside_the_trust_region(tmp_path):
                 assert math.isfinite(metrics[f"teamtr/{agent}/is_gain_se"])
             gains.append(metrics[f"teamtr/{agent}/crn_gain"])
             variances.append(metrics[f"teamtr/{agent}/crn_gain_se"] ** 2)
-    # the warm-started team sits at ~0.15-0.2; six updates each gain a few points: their sum must clear 3 SE
+    # the warm-started team sits at ~0.15-0.2; four updates each gain a few points: their sum must clear 3 SE
     assert sum(gains) > 3 * math.sqrt(sum(variances)), (gains, variances)

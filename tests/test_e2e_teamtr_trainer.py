@@ -103,7 +103,8 @@ def test_resume_continues_with_the_saved_weights_beta_and_order(two_stages, team
     resumed_dir = tmp_path / "resumed"
     # Resume the stage-1 checkpoint into a new directory. The resumed update may move at most
     # step_safety·sqrt(δ/KL_full) ≈ 1e-15 of its step (or is given up): either way the weights it saves are the loaded
-    # ones bit for bit, so they prove the load. β moves once, by verl's adaptive rule on the full step's KL.
+    # ones to within 1e-12 (a zero-initialised bias can take a 1e-17 step), so they prove the load. β moves once, by
+    # verl's adaptive rule on the full step's KL.
     stages = run_teamtr(
         team, resumed_dir, "trainer.total_training_steps=2", "trainer.save_freq=1",
         f"trainer.default_local_dir={resumed_dir / 'ckpt'}", "trainer.resume_mode=resume_path",
@@ -117,7 +118,8 @@ def test_resume_continues_with_the_saved_weights_beta_and_order(two_stages, team
     for agent in ("alice", "bob"):
         w1 = hf_weights(ckpt / "global_step_1" / agent / "huggingface")
         w2 = hf_weights(resumed_dir / "ckpt" / "global_step_2" / agent / "huggingface")
-        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), agent
+        assert w1.keys() == w2.keys(), agent
+        assert max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1) <= 1e-12, agent
         expected_beta = algos.adapt_beta(saved["beta"][agent]["beta"], stages[2][f"teamtr/{agent}/kl_proposal"], 1e-12)
         assert after["beta"][agent]["beta"] == pytest.approx(expected_beta, rel=1e-12)
         assert after["beta"][agent]["num_updates"] == saved["beta"][agent]["num_updates"] + 1
