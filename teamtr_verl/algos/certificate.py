@@ -41,13 +41,13 @@ from teamtr_verl.algos.checks import (
     _check_tensor,
     factorize,
 )
+from teamtr_verl.algos.loss import _ppo_ratio
 from teamtr_verl.defaults import (
     CERTIFICATE_BOUNDS,
     DEFAULT_CLIP_RATIO,
     DEFAULT_CONFIDENCE_T,
     MESSAGE_LOG_RATIO_CLAMP,
     RATIO_LEVELS,
-    TOKEN_LOG_RATIO_CLAMP,
 )
 
 # ----------------------------------------------------------------------------------------- per-trajectory inputs
@@ -332,12 +332,9 @@ def surrogate_gain(
         raise ValueError("response_mask must select at least one token, got an all-False mask")
     with torch.no_grad():
         zero = torch.zeros((), dtype=torch.float64, device=mask.device)
-        diff = torch.where(mask, log_prob.to(torch.float64) - old_log_prob.to(torch.float64), zero)
-        if ratio_level == "message":
-            rho = torch.exp(diff.sum(-1).clamp(-MESSAGE_LOG_RATIO_CLAMP, MESSAGE_LOG_RATIO_CLAMP))[:, None]
-            rho = rho.expand_as(diff)
-        else:
-            rho = torch.exp(diff.clamp(-TOKEN_LOG_RATIO_CLAMP, TOKEN_LOG_RATIO_CLAMP))
+        old = torch.where(mask, old_log_prob.to(torch.float64), zero)
+        new = torch.where(mask, log_prob.to(torch.float64), zero)
+        rho, _ = _ppo_ratio(old, new, mask, ratio_level)  # the loss's own ratio (same clamps), without a gradient
         a = advantages.to(torch.float64)[:, None]
         per_token = torch.minimum(rho * a, rho.clamp(1 - lo, 1 + hi) * a)
         per_msg = torch.where(mask, per_token, zero).sum(-1) / mask.sum(-1).clamp(min=1)
