@@ -23,8 +23,7 @@ _cpu_platform.install()  # before the imports below: its patches quiet what they
 _patches.install_config_validation_hook()
 _patches.patch_file_logger_append()
 
-ADV_ESTIMATOR_NAME = "teamtr"
-POLICY_LOSS_NAME = "teamtr"
+from teamtr_verl.defaults import ADV_ESTIMATOR_NAME, POLICY_LOSS_NAME  # noqa: E402
 
 # register_adv_est raises if a *different* function already holds the name; re-registering ours is a no-op.
 core_algos.register_adv_est(ADV_ESTIMATOR_NAME)(algos.compute_teamtr_advantage)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from teamtr_verl.config import ANSWER_LAST, AgentSpec, HandoffSpec, RouterSpec
+from teamtr_verl.defaults import AGENT_VIEWS_KEY
 
 __all__ = [
     "AGENT_VIEWS_KEY",
@@ -56,8 +57,6 @@ __all__ = [
     "build_agent_messages",
 ]
 
-# The key of a row's extra_info that holds the per-agent views.
-AGENT_VIEWS_KEY = "agent_views"
 # The key of a row's extra_info that, set to False, hides the transcript from every speaker of that row.
 SHOW_TRANSCRIPT_KEY = "show_transcript"
 

@@ -14,11 +14,9 @@ import re
 from omegaconf import DictConfig, ListConfig
 
 from teamtr_verl.config import TeamConfig, TeamConfigError, validate_placement
+from teamtr_verl.defaults import AGENT_LOOP_MANAGER, RESUME_MODES, TRAINER_MODE
+from teamtr_verl.defaults import AGENT_LOOP_NAME as AGENT_LOOP
 
-TRAINER_MODE = "teamtr"
-AGENT_LOOP = "teamtr_handoff"
-AGENT_LOOP_MANAGER = "teamtr_verl.team.TeamAgentLoopManager"
-RESUME_MODES = ("auto", "disable", "resume_path")
 DATA_FILE_KEYS = ("data.train_files", "data.val_files")
 # A URL (hdfs://, s3://, gs://, ...) is fetched by verl's or fsspec's own clients at load time: not checked here.
 _REMOTE = re.compile(r"^(?!file://)[A-Za-z][A-Za-z0-9+.-]*://")

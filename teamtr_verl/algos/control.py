@@ -33,8 +33,6 @@ from teamtr_verl.defaults import (
     DEFAULT_STEP_SAFETY,
 )
 
-ACTIONS = ("accept", "give_up")
-
 
 @dataclass(frozen=True)
 class BetaState:
@@ -219,7 +217,6 @@ def line_search(
 
 
 __all__ = [
-    "ACTIONS",
     "BetaState",
     "adapt_beta",
     "first_step_fraction",
