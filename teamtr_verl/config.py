@@ -153,6 +153,7 @@ class TeamConfig:
     norm_eps: float = 1e-6
     certificate: CertificateSpec = CertificateSpec()
     on_nonfinite: str = "error"  # a non-finite loss, KL or grad norm: stop (error) or skip the update and count it
+    save_every_update: bool = False  # checkpoint after each update that the next one regenerates for, and every stage
 
     def regenerates_before(self, update_index: int) -> bool:
         """Whether the team's rollouts are regenerated before the ``update_index``-th agent update of a stage."""
@@ -161,6 +162,12 @@ class TeamConfig:
         if self.schedule != "teamtr":
             return False
         return update_index % (self.resample_every or 1) == 0
+
+    def checkpoints_after(self, update_index: int, num_updates: int) -> bool:
+        """Whether ``save_every_update`` checkpoints after the ``update_index``-th update of a stage: only where the
+        next update regenerates, so a resumed run needs no cached rollout (stale: at stage ends only)."""
+        return (self.save_every_update and update_index + 1 < num_updates
+                and self.regenerates_before(update_index + 1))
 
     @property
     def agent_names(self) -> tuple[str, ...]:
@@ -367,6 +374,7 @@ def _parse_stage_loop(block: Mapping, prefix: str) -> dict:
         norm_eps=_non_negative(block.get("norm_eps", TeamConfig.norm_eps), f"{prefix}.norm_eps"),
         certificate=_parse_certificate(block.get("certificate"), f"{prefix}.certificate"),
         on_nonfinite=_choice(block, "on_nonfinite", ON_NONFINITE, prefix),
+        save_every_update=_flag(block, "save_every_update", TeamConfig.save_every_update, prefix),
     )
 
 

@@ -1,8 +1,10 @@
 """Everything a TeamTR run must carry across a checkpoint, in one explicit, JSON-serialisable dataclass.
 
-Saved as ``teamtr_state.json`` beside the per-agent checkpoints of ``global_step_N/``. Checkpoints are taken at stage
-boundaries only (after the whole stage's updates and syncs), so ``stages_done`` is the cursor: a resumed run starts
-the next stage with every agent's weights, β state and the order RNG exactly as they were.
+Saved as ``teamtr_state.json`` beside the per-agent checkpoints (:mod:`teamtr_verl.checkpoints`). At a stage end
+``stages_done`` is the cursor: a resumed run starts the next stage with every agent's weights, β state and the order
+RNG exactly as they were. Inside a stage (``teamtr.save_every_update``) ``cursor`` adds the stage's order, how many of
+its updates are done, its metrics so far and where each agent's weights are; the resumed run redraws the same prompts
+and continues with the next agent of that order.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from teamtr_verl import algos
 from teamtr_verl.algos import BetaState
@@ -38,6 +40,8 @@ class TeamTRState:
         gain_pairs: [summed bound, paired gain] of the committed updates between two regenerations of the same
             prompts (one update under ``teamtr``; a whole stage under ``stale``/``happo``): the certificate's
             calibration and rank correlation are computed over these.
+        cursor: None at a stage end; inside stage S: ``{"stage": S, "order": [...], "done": U, "metrics": {...},
+            "agent_dirs": {agent: "<folder>/<agent>"}}`` (folders relative to the checkpoint root).
     """
 
     agent_names: list[str]
@@ -48,6 +52,7 @@ class TeamTRState:
     kl_history: dict[str, list[float]] = field(default_factory=dict)
     ledger: list[dict] = field(default_factory=list)
     gain_pairs: list[list[float]] = field(default_factory=list)
+    cursor: Optional[dict] = None
 
     @classmethod
     def initial(cls, team: TeamConfig) -> "TeamTRState":
@@ -86,6 +91,13 @@ class TeamTRState:
         if bounds and len(bounds) == sum(1 for u in pending if u.get("committed")):
             self.gain_pairs.append([float(sum(bounds)), gain.mean])
         return pending
+
+    def forget_unmeasured(self, stage: int) -> None:
+        """A run resumed inside ``stage`` lost the rollout its last updates would be paired against: they stay
+        unmeasured (``crn_gain`` None) rather than share the next update's gain."""
+        for update in self.ledger:
+            if not update["measured"] and update["stage"] == stage:
+                update["measured"] = True
 
     def certificate_stats(self) -> dict[str, float]:
         """Calibration (fraction of pairs with gain >= bound), Spearman per pair and on the cumulative series."""

@@ -35,13 +35,11 @@ from verl.experimental.reward_loop import RewardLoopManager
 from verl.trainer.ppo.utils import need_reference_policy
 from verl.trainer.ppo.v1.trainer_base import PPOTrainer, register_trainer
 from verl.utils import tensordict_utils as tu
-from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
 from verl.utils.config import omega_conf_to_dataclass
-from verl.utils.fs import local_mkdir_safe
 from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
-from teamtr_verl import algos
+from teamtr_verl import algos, checkpoints
 from teamtr_verl.config import TeamConfig
 from teamtr_verl.defaults import TRAINER_MODE
 from teamtr_verl.rollout_batch import TeamRollout, read_log_probs, read_team_rollout, write_advantages
@@ -78,6 +76,26 @@ def agent_loss_config(actor: DictConfig, beta: float, team: TeamConfig):
     return dataclasses.replace(config, policy_loss=TeamTRPolicyLossConfig(**fields))
 
 
+def _plain_numbers(metrics: dict) -> dict:
+    """The JSON-serialisable (numeric) part of a stage's metrics, for an in-stage checkpoint."""
+    return {key: float(value) for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def micro_batch_multiple(config: DictConfig, dp_size: int) -> int:
+    """The row multiple verl's fixed (non-dynamic) micro-batches need on ``dp_size`` ranks: each rank's rows of a
+    log-prob pass (actor, reference) or of a mini-batch must split into whole micro-batches of ``*_per_gpu`` rows."""
+    ref = config.actor_rollout_ref
+    sizes = []
+    if not ref.actor.get("use_dynamic_bsz", False):
+        sizes.append(ref.actor.get("ppo_micro_batch_size_per_gpu"))
+    if not ref.rollout.get("log_prob_use_dynamic_bsz", False):
+        sizes.append(ref.rollout.get("log_prob_micro_batch_size_per_gpu"))
+    if need_reference_policy(config) and not ref.ref.get("log_prob_use_dynamic_bsz", False):
+        sizes.append(ref.ref.get("log_prob_micro_batch_size_per_gpu"))
+    return math.lcm(1, *(dp_size * int(size) for size in sizes if size))
+
+
 @register_trainer(TRAINER_MODE)
 class TeamTRTrainer(PPOTrainer):
     """Sequential per-agent trust-region updates of a team, regenerating rollouts after every agent update."""
@@ -91,6 +109,9 @@ class TeamTRTrainer(PPOTrainer):
         self.team = TeamConfig.from_config(config.teamtr, check_paths=False)
         self.state = TeamTRState.initial(self.team)
         self.stacks = {}
+        self._saved_at: dict[str, str] = {}  # agent -> "<folder>/<agent>" holding its current weights (unchanged since)
+        self._stage_data_state = None  # the train loader before this stage's prompts (in-stage checkpoints)
+        self._stage_saved = False
 
     # ---------------------------------------------------------------------------------------------------- set-up
     def _setup(self):
@@ -120,10 +141,18 @@ class TeamTRTrainer(PPOTrainer):
         return TeamLLMClient(self.config, clients, default_agent=self.team.agent_names[0])
 
     def on_step_end(self):
-        return None  # each agent's weights were pushed right after its own update
+        # each agent's weights were pushed right after its own update; save_every_update also saves every stage end
+        if self.team.save_every_update and not self._stage_saved:
+            self._save_checkpoint()
+        self._stage_saved = False
 
     def on_sample_end(self):
         return None  # replicas sleep per agent, only around that agent's own update (see _update_agent)
+
+    def _get_required_batch_multiple(self, dp_size: int) -> int:
+        # An agent's row count is prompts x samples x its turns (held-out groups apart): pad it to what verl's fixed
+        # micro-batches need too, so that no router or held-out split constrains the batch settings.
+        return math.lcm(super()._get_required_batch_multiple(dp_size), micro_batch_multiple(self.config, dp_size))
 
     def _get_n_gpus_for_throughput(self) -> int:
         return self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
@@ -151,8 +180,15 @@ class TeamTRTrainer(PPOTrainer):
     def step(self, metrics: dict, timing_raw: dict) -> KVBatchMeta:
         """One TeamTR stage; returns every TransferQueue key it created (verl's fit() clears them)."""
         stage = self.global_steps
+        cursor = self.state.cursor if self.state.cursor and self.state.cursor["stage"] == stage else None
+        if self.team.save_every_update and cursor is None:  # an in-stage checkpoint redraws these same prompts
+            self._stage_data_state = self.train_dataloader.state_dict()
         prompts = self._next_train_batch()
-        order = self.state.next_order(self.team)
+        order = cursor["order"] if cursor else self.state.next_order(self.team)
+        done = cursor["done"] if cursor else 0
+        if cursor:  # resumed inside this stage: its earlier updates' metrics, then the next agent of the same order
+            metrics.update(cursor["metrics"])
+            logger.info("teamtr: stage %d resumes after %d of its updates (%s)", stage, done, order[:done])
         heldout = heldout_prompts(len(prompts), self.team.certificate.heldout_fraction, stage, self.team.order_seed)
         self._created: list[KVBatchMeta] = []
         self._nonfinite: dict[str, int] = {}
@@ -160,6 +196,8 @@ class TeamTRTrainer(PPOTrainer):
         rollout: Optional[TeamRollout] = None
         prior_log_w: Optional[torch.Tensor] = None  # stale/happo: log of the earlier updates' trajectory ratios
         for index, name in enumerate(order):
+            if index < done:
+                continue
             if self.team.regenerates_before(index):
                 start = time.perf_counter()
                 rollout = self._regenerate(prompts, stage, rollout, metrics)
@@ -171,6 +209,10 @@ class TeamTRTrainer(PPOTrainer):
             if log_w is not None:  # a later update on this same rollout (stale, happo, resample_every) weights by it
                 prior_log_w = prior_log_w + log_w
             self._sync(name, metrics)
+            if self.team.checkpoints_after(index, len(order)):
+                self._save_checkpoint(cursor={"stage": stage, "order": list(order), "done": index + 1,
+                                              "metrics": _plain_numbers(metrics)})
+        self.state.cursor = None
         if self.team.certificate.closing_regeneration:  # the last update's gain, on this stage's episodes
             start = time.perf_counter()
             self._regenerate(prompts, stage, rollout, metrics)
@@ -255,6 +297,8 @@ class TeamTRTrainer(PPOTrainer):
             else:
                 stack.worker_group.restore_actor_weights()  # weights and optimizer state back to π_cur exactly
         committed = outcome.action == "accept"
+        if committed:  # its weights differ from the last checkpoint's now
+            self._saved_at.pop(name, None)
         # A non-finite full step (on_nonfinite=skip) adapted nothing: BetaState refuses a NaN last_kl, keep the old one.
         last_kl = beta_state.last_kl if math.isnan(outcome.full.kl) else outcome.full.kl
         self.state.set_beta_state(name, beta_state.after_update(
@@ -475,21 +519,32 @@ class TeamTRTrainer(PPOTrainer):
                                  timing_raw, global_steps, epoch)
 
     # --------------------------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self):
-        """``global_step_N/<agent>/`` per agent, ``data.pt``, ``teamtr_state.json``; the tracker file last."""
-        step_dir = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+    def _save_checkpoint(self, cursor: Optional[dict] = None):
+        """A stage end (``cursor`` None: ``global_step_S/``, every agent) or a point inside a stage
+        (``stage_S_update_U/``: the agents changed since the last checkpoint; the others by reference). Written
+        atomically (:mod:`teamtr_verl.checkpoints`), then older folders nothing needs are removed."""
+        root = self.config.trainer.default_local_dir
+        name = (checkpoints.stage_folder(self.global_steps) if cursor is None
+                else checkpoints.update_folder(cursor["stage"], cursor["done"]))
+        agent_dirs = {}
+        with checkpoints.writing(root, name) as scratch:
+            for agent, stack in self.stacks.items():
+                if cursor is None or agent not in self._saved_at:
+                    # retention is ours (collect_garbage): verl's per-worker one does not know about references
+                    stack.worker_group.save_checkpoint(os.path.join(scratch, agent), None, self.global_steps,
+                                                       max_ckpt_to_keep=None)
+                    agent_dirs[agent] = f"{name}/{agent}"
+                else:
+                    agent_dirs[agent] = self._saved_at[agent]
+            data_state = self.train_dataloader.state_dict() if cursor is None else self._stage_data_state
+            torch.save(data_state, os.path.join(scratch, "data.pt"))
+            self.state.cursor = None if cursor is None else {**cursor, "agent_dirs": agent_dirs}
+            self.state.save(scratch)
+        checkpoints.commit(root, name, stage_end=self.global_steps if cursor is None else None)
+        self._saved_at = agent_dirs
+        self._stage_saved = cursor is None
         keep = self.config.trainer.get("max_actor_ckpt_to_keep", None)
-        for name, stack in self.stacks.items():
-            stack.worker_group.save_checkpoint(os.path.join(step_dir, name), None, self.global_steps,
-                                               max_ckpt_to_keep=keep)
-        local_mkdir_safe(step_dir)
-        torch.save(self.train_dataloader.state_dict(), os.path.join(step_dir, "data.pt"))
-        self.state.save(step_dir)
-        tracker = os.path.join(self.config.trainer.default_local_dir, "latest_checkpointed_iteration.txt")
-        tmp = tracker + ".tmp"
-        with open(tmp, "w") as handle:
-            handle.write(str(self.global_steps))
-        os.replace(tmp, tracker)  # only now does the checkpoint count as complete
+        checkpoints.collect_garbage(root, keep, [name, *agent_dirs.values()])
 
     def _load_checkpoint(self):
         self.global_steps = 0
@@ -498,26 +553,36 @@ class TeamTRTrainer(PPOTrainer):
             return
         state = TeamTRState.load(folder)
         state.check_matches(self.team, folder)
-        for name, stack in self.stacks.items():
-            stack.worker_group.load_checkpoint(local_path=os.path.join(folder, name),
+        root = os.path.dirname(folder.rstrip("/"))
+        name = os.path.basename(folder.rstrip("/"))
+        agent_dirs = state.cursor["agent_dirs"] if state.cursor else {agent: f"{name}/{agent}" for agent in self.stacks}
+        for agent, stack in self.stacks.items():
+            stack.worker_group.load_checkpoint(local_path=os.path.join(root, agent_dirs[agent]),
                                                del_local_after_load=self.config.trainer.del_local_ckpt_after_load)
         data_path = os.path.join(folder, "data.pt")
         if os.path.exists(data_path):
-            self.train_dataloader.load_state_dict(torch.load(data_path, weights_only=False))
+            data_state = torch.load(data_path, weights_only=False)
+            self.train_dataloader.load_state_dict(data_state)
+            self._stage_data_state = data_state
+        if state.cursor:
+            state.forget_unmeasured(state.cursor["stage"])
         self.state = state
-        self.global_steps = int(folder.rstrip("/").split("global_step_")[-1])
-        logger.info("teamtr: resumed from %s after stage %d", folder, self.global_steps)
+        self._saved_at = dict(agent_dirs)
+        self.global_steps = checkpoints.stages_done(folder)
+        logger.info("teamtr: resumed from %s after stage %d%s", folder, self.global_steps,
+                    f" and {state.cursor['done']} update(s) of stage {state.cursor['stage']}" if state.cursor else "")
 
 
 def find_resume_folder(config: DictConfig) -> Optional[str]:
-    """The ``global_step_N`` folder to resume from, or None (verl's resume_mode semantics)."""
+    """The checkpoint folder to resume from, or None (verl's resume_mode semantics; ``auto``: the last committed)."""
     mode = config.trainer.resume_mode
     if mode == "disable":
         return None
     if mode == "auto":
         root = config.trainer.default_local_dir
         root = root if os.path.isabs(root) else os.path.join(os.getcwd(), root)
-        return find_latest_ckpt_path(root)
+        folder = checkpoints.latest(root)
+        return None if folder is None else str(folder)
     if mode == "resume_path":
         path = config.trainer.resume_from_path
         return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)

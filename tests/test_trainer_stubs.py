@@ -31,6 +31,7 @@ import os
 import statistics
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ import torch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
+from verl.utils import tensordict_utils as tu
 from verl.workers.utils.losses import ppo_loss
 
 import teamtr_verl.trainer as trainer_module
@@ -284,6 +286,7 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
     trainer.measured_keys = []  # (agent, keys) per _fresh_log_probs call on other rows than the trained ones
     trainer.balance_tokenizers = []  # (agent, tokenizer) per _balance_batch call
     trainer.rollouts = rollouts = FakeRollouts(trainer, log, script)
+    trainer._saved_at, trainer._stage_data_state, trainer._stage_saved = {}, None, False  # as __init__ sets them
 
     def bound_agent():
         return trainer.actor_rollout_wg.name  # _bind points actor_rollout_wg at the updated agent's worker group
@@ -994,9 +997,13 @@ def test_save_then_load_checkpoint_round_trips_the_stage_state(make_trainer, bas
     trainer._save_checkpoint()
     step_dir = tmp_path / "global_step_3"
     assert [e[:2] for e in log if e[0] == "save"] == [("save", "alice"), ("save", "bob")]
-    assert {e[2] for e in log if e[0] == "save"} == {str(step_dir / "alice"), str(step_dir / "bob")}
+    # written into a scratch folder that becomes global_step_3 in one rename, once complete
+    assert {e[2] for e in log if e[0] == "save"} == {str(tmp_path / ".tmp_global_step_3" / n) for n in ("alice", "bob")}
+    assert sorted(p.name for p in step_dir.iterdir()) == ["alice", "bob", "data.pt", "teamtr_state.json"]
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "3"
-    assert not list(tmp_path.glob("*.tmp")) and not list(step_dir.glob("*.tmp"))
+    assert (tmp_path / "teamtr_latest.txt").read_text() == "global_step_3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_3", "latest_checkpointed_iteration.txt",
+                                                          "teamtr_latest.txt"]  # no scratch or .tmp file left
 
     OmegaConf.update(config, "trainer.resume_mode", "auto")
     resumed = make_trainer(config, log)
@@ -1008,3 +1015,127 @@ def test_save_then_load_checkpoint_round_trips_the_stage_state(make_trainer, bas
     assert [e for e in log if e[0] == "load"] == [("load", "alice", str(step_dir / "alice")),
                                                    ("load", "bob", str(step_dir / "bob"))]
     assert resumed.state.next_order(resumed.team) == trainer.state.next_order(trainer.team)
+
+
+class Killed(Exception):
+    """Stands for a kill -9 of the driver right after a checkpoint was committed."""
+
+
+def test_a_run_killed_inside_a_stage_resumes_with_the_next_agent_and_loses_nothing(make_trainer, base_configs,
+                                                                                  tmp_path):
+    config = team_config(base_configs, 3, save_every_update=True)
+    OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path / "ckpt"))
+    OmegaConf.update(config, "trainer.resume_mode", "auto")
+    kl = {"alice": [0.2, 0.009], "bob": [0.004], "carol": [0.02, 0.003]}  # alice and carol backtrack once
+    # the reference: the same stage, uninterrupted
+    reference = make_trainer(team_config(base_configs, 3), [], Script(kl=kl))
+    reference_metrics = {}
+    reference.step(reference_metrics, {})
+
+    log = []
+    trainer = make_trainer(config, log, Script(kl=kl))
+    trainer.train_dataloader = FakeDataloader(position=7)  # where the loader stood before stage 1's prompts
+    save = trainer._save_checkpoint
+
+    def save_then_die(cursor=None):
+        save(cursor)
+        if cursor and cursor["done"] == 2:
+            raise Killed
+    trainer._save_checkpoint = save_then_die
+    trainer.train_dataloader.position = 7
+    with pytest.raises(Killed):
+        trainer.step({}, {})
+    root = tmp_path / "ckpt"
+    # after update 1 every agent was saved (nothing was before); after update 2 only bob, who changed since
+    saves = [(e[1], Path(e[2]).parent.name.removeprefix(".tmp_")) for e in log if e[0] == "save"]
+    assert saves == [("alice", "stage_1_update_1"), ("bob", "stage_1_update_1"), ("carol", "stage_1_update_1"),
+                     ("bob", "stage_1_update_2")]
+    assert (root / "teamtr_latest.txt").read_text() == "stage_1_update_2"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["stage_1_update_1", "stage_1_update_2"]
+
+    log.clear()
+    resumed = make_trainer(config, log, Script(kl={"carol": kl["carol"]}), global_steps=0)
+    resumed.train_dataloader = FakeDataloader(position=99)
+    resumed._load_checkpoint()
+    assert resumed.global_steps == 0 and resumed.train_dataloader.position == 7  # stage 1's prompts are redrawn
+    assert [e for e in log if e[0] == "load"] == [
+        ("load", "alice", str(root / "stage_1_update_1" / "alice")), ("load", "bob", str(root / "stage_1_update_2" / "bob")),
+        ("load", "carol", str(root / "stage_1_update_1" / "carol"))]
+    resumed.global_steps = 1  # verl's fit: the next step
+    metrics = {}
+    resumed.step(metrics, {})
+    resumed.on_step_end()
+    # only carol is updated, after one regeneration of the same stage; the stage's metrics are whole again
+    assert [e[1] for e in log if e[0] == "update"] == ["carol"]
+    assert [r["stage"] for r in resumed.rollouts.submitted] == [1, 1]  # its regeneration and the closing one
+    for agent in ("alice", "bob", "carol"):
+        for key in ("kl", "committed", "backtracks", "messages"):
+            assert metrics[f"teamtr/{agent}/{key}"] == reference_metrics[f"teamtr/{agent}/{key}"], (agent, key)
+    strip = ("measured", "crn_gain", "crn_gain_se")  # bob's gain was to be measured on the rollout the kill lost
+    assert [{k: v for k, v in u.items() if k not in strip} for u in resumed.state.ledger] == [
+        {k: v for k, v in u.items() if k not in strip} for u in reference.state.ledger]
+    assert resumed.state.ledger[1]["crn_gain"] is None and resumed.state.ledger[2]["crn_gain"] is not None
+    assert resumed.state.beta == reference.state.beta and resumed.state.cursor is None
+    # the stage end is saved whole; the in-stage folders are no longer needed
+    assert (root / "teamtr_latest.txt").read_text() == "global_step_1"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["global_step_1"]
+    assert [e[1] for e in log if e[0] == "save"] == ["alice", "bob", "carol"]
+
+
+def test_stale_saves_only_at_stage_ends_under_save_every_update(make_trainer, base_configs, tmp_path):
+    config = team_config(base_configs, 3, save_every_update=True, schedule="stale")
+    OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path))
+    log = []
+    trainer = make_trainer(config, log)
+    trainer.train_dataloader = FakeDataloader()
+    trainer.step({}, {})
+    assert not [e for e in log if e[0] == "save"]  # the cached rollout cannot be resumed from: no in-stage point
+    trainer.on_step_end()
+    assert (tmp_path / "teamtr_latest.txt").read_text() == "global_step_1"
+
+
+# ------------------------------------------------------------------------------------------- batch multiples
+def verl_micro_batches_accept(rows: int, micro_batch_size_per_gpu: int) -> bool:
+    """verl's own fixed-micro-batch split (engine.utils.prepare_micro_batches) on one rank's ``rows``."""
+    from verl.workers.engine.utils import prepare_micro_batches
+
+    data = TensorDict({"x": torch.zeros(rows, 1)}, batch_size=[rows])
+    tu.assign_non_tensor(data, use_dynamic_bsz=False, micro_batch_size_per_gpu=micro_batch_size_per_gpu)
+    try:
+        prepare_micro_batches(data)
+    except AssertionError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("config_name, router, turns_of", [
+    # budget-sq as shipped: 16 prompts, 4 held out -> 12 x 8 = 96 trained rows per agent; verl's mini-batch multiple
+    # alone (4 prompts x 8 = 32) leaves 96, which 64-row log-prob micro-batches do not divide (the issue's crash)
+    ("teamtr_budget_cpu", "{kind: chain}", {"alice": 1, "bob": 1}),
+    # three agents, round robin over 4 turns: alice speaks twice -> twice bob's and carol's rows
+    ("teamtr_relay_cpu", "{kind: round_robin, turns: 4}", {"alice": 2, "bob": 1, "carol": 1}),
+])
+def test_every_agents_rows_are_padded_to_whole_micro_batches(model_dirs, config_name, router, turns_of):
+    agents = ", ".join(f"{{name: {n}, model: '{d}'}}" for n, d in zip(turns_of, model_dirs))
+    config = compose(str(CONFIG_DIR), config_name, [f"teamtr.agents=[{agents}]", f"teamtr.router={router}",
+                                                    f"trainer.n_gpus_per_node={len(turns_of)}"])
+    trainer = TeamTRTrainer.__new__(TeamTRTrainer)
+    trainer.config, trainer.global_steps, trainer.use_critic = config, 1, False
+    dp = 1  # one device per agent in split placement
+    rollout = config.actor_rollout_ref.rollout
+    prompts = config.data.train_batch_size
+    heldout = len(heldout_prompts(prompts, TeamConfig.from_config(config.teamtr).certificate.heldout_fraction, 1))
+    base, multiple = trainer_module.PPOTrainer._get_required_batch_multiple(trainer, dp), \
+        trainer._get_required_batch_multiple(dp)
+    assert multiple % base == 0  # the mini-batch alignment verl needs is kept
+    fails_without = False
+    for name, turns in turns_of.items():
+        for groups in (prompts - heldout, heldout):  # the trained rows and the held-out (measured) rows
+            rows = groups * rollout.n * turns
+            padded = math.ceil(rows / multiple) * multiple
+            for micro in (rollout.log_prob_micro_batch_size_per_gpu,
+                          config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu):
+                assert verl_micro_batches_accept(padded // dp, micro), (name, rows, padded, micro)
+                fails_without |= not verl_micro_batches_accept(math.ceil(rows / base) * base // dp, micro)
+    if config_name == "teamtr_budget_cpu":
+        assert fails_without  # the shipped config did crash with verl's multiple alone
