@@ -29,6 +29,16 @@ def main_ppo_command(config_name: str, overrides: Sequence[str], prefix: Sequenc
             f"--config-name={config_name}", *overrides]
 
 
+def _launch(config_name: str, overrides: Sequence[str], workdir: Path, prefix: Sequence[str],
+            metrics_file: Path | None) -> tuple[list[str], dict, Path]:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics_file = Path(metrics_file or workdir / "metrics.jsonl")
+    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_file), HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
+               RAY_DEDUP_LOGS="0")
+    return main_ppo_command(config_name, ["trainer.logger=[console,file]", *overrides], prefix), env, metrics_file
+
+
 def run_main_ppo(config_name: str, overrides: Sequence[str], workdir: Path, *, timeout: int = 900,
                  prefix: Sequence[str] = (), metrics_file: Path | None = None) -> tuple[subprocess.CompletedProcess,
                                                                                        dict[int, dict]]:
@@ -36,16 +46,23 @@ def run_main_ppo(config_name: str, overrides: Sequence[str], workdir: Path, *, t
 
     Returns the completed process and ``{step: merged metrics}`` (empty when the run logged nothing).
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    metrics_file = Path(metrics_file or workdir / "metrics.jsonl")
-    env = dict(os.environ, VERL_FILE_LOGGER_PATH=str(metrics_file), HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-               RAY_DEDUP_LOGS="0")
-    command = main_ppo_command(config_name, ["trainer.logger=[console,file]", *overrides], prefix)
+    command, env, metrics_file = _launch(config_name, overrides, workdir, prefix, metrics_file)
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    (workdir / "stdout.log").write_text(result.stdout)
-    (workdir / "stderr.log").write_text(result.stderr)
+    (Path(workdir) / "stdout.log").write_text(result.stdout)
+    (Path(workdir) / "stderr.log").write_text(result.stderr)
     return result, read_metrics(metrics_file) if metrics_file.exists() else {}
+
+
+def start_main_ppo(config_name: str, overrides: Sequence[str], workdir: Path,
+                   metrics_file: Path | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start it in the background, in its own session (so that a fault drill can kill it and every process it
+    started at once), stdout and stderr together in the returned log file."""
+    command, env, _ = _launch(config_name, overrides, workdir, (), metrics_file)
+    log = Path(workdir) / "output.log"
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return process, log
 
 
 def read_metrics(metrics_file: Path) -> dict[int, dict]:

@@ -76,6 +76,19 @@ def agent_loss_config(actor: DictConfig, beta: float, team: TeamConfig):
     return dataclasses.replace(config, policy_loss=TeamTRPolicyLossConfig(**fields))
 
 
+def stage_line(stage: int, total: Optional[int], order: list[str], metrics: dict, seconds: float) -> str:
+    """The one console line of a stage (``make demo`` shows only these; verl's full log goes to a file)."""
+    parts = [f"teamtr stage {stage}/{total or '?'}", f"return {metrics.get('teamtr/stage/return_mean', math.nan):.3f}"]
+    for name in order:
+        kl, delta = metrics.get(f"teamtr/{name}/kl", math.nan), metrics.get(f"teamtr/{name}/delta", math.nan)
+        given_up = metrics.get(f"teamtr/{name}/committed", 1.0) == 0.0
+        parts.append(f"{name} KL {kl:.4f}/{delta:g}" + (" given up" if given_up else ""))
+    if "teamtr/stage/calibration" in metrics:
+        parts.append(f"certificate held {metrics['teamtr/stage/calibration']:.0%}")
+    parts.append(f"{seconds:.0f} s")
+    return " | ".join(parts)
+
+
 def _plain_numbers(metrics: dict) -> dict:
     """The JSON-serialisable (numeric) part of a stage's metrics, for an in-stage checkpoint."""
     return {key: float(value) for key, value in metrics.items()
@@ -179,7 +192,7 @@ class TeamTRTrainer(PPOTrainer):
     # ----------------------------------------------------------------------------------------------------- stage
     def step(self, metrics: dict, timing_raw: dict) -> KVBatchMeta:
         """One TeamTR stage; returns every TransferQueue key it created (verl's fit() clears them)."""
-        stage = self.global_steps
+        stage, stage_start = self.global_steps, time.perf_counter()
         cursor = self.state.cursor if self.state.cursor and self.state.cursor["stage"] == stage else None
         if self.team.save_every_update and cursor is None:  # an in-stage checkpoint redraws these same prompts
             self._stage_data_state = self.train_dataloader.state_dict()
@@ -199,12 +212,14 @@ class TeamTRTrainer(PPOTrainer):
             if index < done:
                 continue
             if self.team.regenerates_before(index):
+                print(f"teamtr: stage {stage}: regenerating before {name}'s update", flush=True)  # progress in the log
                 start = time.perf_counter()
                 rollout = self._regenerate(prompts, stage, rollout, metrics)
                 metrics[f"teamtr/{name}/gen_s"] = time.perf_counter() - start
                 prior_log_w = torch.zeros(len(rollout.trajectories), dtype=torch.float64)
             else:
                 metrics[f"teamtr/{name}/gen_s"] = 0.0
+            print(f"teamtr: stage {stage}: updating {name}", flush=True)
             log_w = self._update_agent(name, rollout, heldout, prior_log_w, stage, index, metrics)
             if log_w is not None:  # a later update on this same rollout (stale, happo, resample_every) weights by it
                 prior_log_w = prior_log_w + log_w
@@ -219,6 +234,8 @@ class TeamTRTrainer(PPOTrainer):
             metrics["teamtr/stage/closing_gen_s"] = time.perf_counter() - start
         self._log_stage(order, metrics)
         self.state.stages_done = stage
+        print(stage_line(stage, getattr(self, "total_training_steps", None), order, metrics,
+                         time.perf_counter() - stage_start), flush=True)
         tag_of = {}  # every key once (an agent's batch repeats its rollout's keys, plus its padding rows)
         for batch in self._created:
             tag_of.update({key: tag for key, tag in zip(batch.keys, batch.tags) if key not in tag_of})

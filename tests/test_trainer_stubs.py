@@ -1139,3 +1139,14 @@ def test_every_agents_rows_are_padded_to_whole_micro_batches(model_dirs, config_
                 fails_without |= not verl_micro_batches_accept(math.ceil(rows / base) * base // dp, micro)
     if config_name == "teamtr_budget_cpu":
         assert fails_without  # the shipped config did crash with verl's multiple alone
+
+
+def test_each_stage_prints_one_console_line(make_trainer, base_configs, capsys):
+    trainer = make_trainer(team_config(base_configs, 2), [], Script(kl={"bob": [0.5] * 7}))  # bob is given up
+    trainer.total_training_steps = 15
+    trainer.step(metrics := {}, {})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("teamtr stage")]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"teamtr stage 1/15 | return {metrics['teamtr/stage/return_mean']:.3f} | "
+                               f"alice KL {metrics['teamtr/alice/kl']:.4f}/0.01 | bob KL 0.0000/0.01 given up | ")
+    assert lines[0].endswith(" s")
