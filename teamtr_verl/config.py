@@ -51,6 +51,7 @@ __all__ = [
     "validate_placement",
     "SCHEDULES",
     "ORDERS",
+    "PROMPTS_PER_UPDATE",
 ]
 
 from teamtr_verl.defaults import (  # noqa: E402 (after __all__: the lists are re-exported)
@@ -64,6 +65,7 @@ from teamtr_verl.defaults import (  # noqa: E402 (after __all__: the lists are r
     ON_NONFINITE,
     ORDERS,
     PLACEMENTS,
+    PROMPTS_PER_UPDATE,
     RATIO_LEVELS,
     ROUTER_KINDS,
     SCHEDULES,
@@ -141,6 +143,7 @@ class TeamConfig:
     # -- the stage loop (teamtr_verl/trainer.py) --
     schedule: str = "teamtr"
     resample_every: Optional[int] = None  # schedule=teamtr only: regenerate before every k-th update (None = 1)
+    prompts_per_update: str = "all"  # split: update i regenerates (and trains on) only part i of the stage's prompts
     order: str = "fixed"
     order_seed: int = 0
     enforce: bool = True  # line-search every update into its KL region (else: only adapt β and count the overshoot)
@@ -162,6 +165,14 @@ class TeamConfig:
         if self.schedule != "teamtr":
             return False
         return update_index % (self.resample_every or 1) == 0
+
+    def prompt_parts(self, num_prompts: int, num_updates: int) -> list[list[int]]:
+        """The prompt indices each update of a stage regenerates: all of them, or (``split``) N contiguous parts
+        whose sizes differ by at most one."""
+        if self.prompts_per_update == "all":
+            return [list(range(num_prompts))] * num_updates
+        bounds = [round(i * num_prompts / num_updates) for i in range(num_updates + 1)]
+        return [list(range(bounds[i], bounds[i + 1])) for i in range(num_updates)]
 
     def checkpoints_after(self, update_index: int, num_updates: int) -> bool:
         """Whether ``save_every_update`` checkpoints after the ``update_index``-th update of a stage: only where the
@@ -352,6 +363,11 @@ def _parse_stage_loop(block: Mapping, prefix: str) -> dict:
         if schedule != "teamtr":
             raise _fail(f"{prefix}.resample_every", resample_every,
                         f"only applies to {prefix}.schedule='teamtr' (it is {schedule!r}); set it to null")
+    prompts_per_update = _choice(block, "prompts_per_update", PROMPTS_PER_UPDATE, prefix)
+    if prompts_per_update == "split" and (schedule != "teamtr" or resample_every not in (None, 1)):
+        raise _fail(f"{prefix}.prompts_per_update", prompts_per_update,
+                    f"needs {prefix}.schedule='teamtr' with a regeneration before every update (schedule is "
+                    f"{schedule!r}, resample_every {resample_every!r}): each update regenerates its own part")
     enforce = block.get("enforce", TeamConfig.enforce)
     if not isinstance(enforce, bool):
         raise _fail(f"{prefix}.enforce", enforce, "must be true or false")
@@ -361,6 +377,7 @@ def _parse_stage_loop(block: Mapping, prefix: str) -> dict:
     return dict(
         schedule=schedule,
         resample_every=resample_every,
+        prompts_per_update=prompts_per_update,
         order=_choice(block, "order", ORDERS, prefix),
         order_seed=_integer(block.get("order_seed", TeamConfig.order_seed), f"{prefix}.order_seed"),
         enforce=enforce,

@@ -51,6 +51,9 @@ PLACEMENTS = ("split", "colocate")
 # happo: stale + HAPPO importance factor instead of resampling (the paper's Table 2b ablation).
 SCHEDULES = ("teamtr", "stale", "happo")
 ORDERS = ("fixed", "reversed", "random")
+# all: every regeneration of a stage covers its whole prompt batch; split: update i regenerates only the i-th of N
+# disjoint parts (a matched rollout budget: a stage generates as many episodes as a stale stage).
+PROMPTS_PER_UPDATE = ("all", "split")
 ON_NONFINITE = ("error", "skip")
 RESUME_MODES = ("auto", "disable", "resume_path")
 

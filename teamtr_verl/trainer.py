@@ -202,7 +202,8 @@ class TeamTRTrainer(PPOTrainer):
         if cursor:  # resumed inside this stage: its earlier updates' metrics, then the next agent of the same order
             metrics.update(cursor["metrics"])
             logger.info("teamtr: stage %d resumes after %d of its updates (%s)", stage, done, order[:done])
-        heldout = heldout_prompts(len(prompts), self.team.certificate.heldout_fraction, stage, self.team.order_seed)
+        parts = self.team.prompt_parts(len(prompts), len(order))
+        heldout = self._heldout(parts, stage)
         self._created: list[KVBatchMeta] = []
         self._nonfinite: dict[str, int] = {}
         self._trained_batches: list[KVBatchMeta] = []
@@ -214,7 +215,7 @@ class TeamTRTrainer(PPOTrainer):
             if self.team.regenerates_before(index):
                 print(f"teamtr: stage {stage}: regenerating before {name}'s update", flush=True)  # progress in the log
                 start = time.perf_counter()
-                rollout = self._regenerate(prompts, stage, rollout, metrics)
+                rollout = self._regenerate(prompts, parts[index], stage, rollout, metrics)
                 metrics[f"teamtr/{name}/gen_s"] = time.perf_counter() - start
                 prior_log_w = torch.zeros(len(rollout.trajectories), dtype=torch.float64)
             else:
@@ -230,7 +231,7 @@ class TeamTRTrainer(PPOTrainer):
         self.state.cursor = None
         if self.team.certificate.closing_regeneration:  # the last update's gain, on this stage's episodes
             start = time.perf_counter()
-            self._regenerate(prompts, stage, rollout, metrics)
+            self._regenerate(prompts, parts[-1], stage, rollout, metrics)
             metrics["teamtr/stage/closing_gen_s"] = time.perf_counter() - start
         self._log_stage(order, metrics)
         self.state.stages_done = stage
@@ -241,21 +242,32 @@ class TeamTRTrainer(PPOTrainer):
             tag_of.update({key: tag for key, tag in zip(batch.keys, batch.tags) if key not in tag_of})
         return KVBatchMeta(partition_id="train", keys=list(tag_of), tags=list(tag_of.values()))
 
-    def _regenerate(self, prompts, stage: int, previous: Optional[TeamRollout], metrics: dict) -> TeamRollout:
-        """Team rollouts of the current team on the stage's prompts: same prompts, fresh uids, existing servers, and
-        (``certificate.crn``) the stage's sampling seeds, so that it pairs episode by episode with ``previous``."""
-        batch = tu.index_select_tensor_dict(prompts, list(range(len(prompts))))
-        uids = [f"p{index}x{uuid.uuid4().hex}" for index in range(len(prompts))]  # no "_": verl splits keys on it
+    def _heldout(self, parts: list[list[int]], stage: int) -> frozenset[int]:
+        """The stage's held-out prompt indices, drawn within each distinct part (so every update trains on some)."""
+        fraction, seed = self.team.certificate.heldout_fraction, self.team.order_seed
+        held = set()
+        for number, part in enumerate(dict.fromkeys(map(tuple, parts))):
+            held |= {part[j] for j in heldout_prompts(len(part), fraction, stage, seed + number)}
+        return frozenset(held)
+
+    def _regenerate(self, prompts, part: list[int], stage: int, previous: Optional[TeamRollout],
+                    metrics: dict) -> TeamRollout:
+        """Team rollouts of the current team on the stage's prompts ``part`` (indices): fresh uids that keep each
+        prompt's index, existing servers, and (``certificate.crn``) the stage's sampling seeds, so that it pairs
+        episode by episode with ``previous`` where both cover the same prompts."""
+        batch = tu.index_select_tensor_dict(prompts, list(part))
+        uids = [f"p{index}x{uuid.uuid4().hex}" for index in part]  # no "_": verl splits keys on it
         tu.assign_non_tensor_stack(batch, "uid", uids)
         if self.team.certificate.crn:
-            tu.assign_non_tensor_stack(batch, SEED_FIELD, prompt_seeds(stage, len(prompts), self.team.order_seed))
+            seeds = prompt_seeds(stage, len(prompts), self.team.order_seed)
+            tu.assign_non_tensor_stack(batch, SEED_FIELD, [seeds[index] for index in part])
         self._submit_batch_to_rollout(batch)
         meta, sample_metrics = self.replay_buffer.sample(
-            global_steps=self.global_steps, partition_id="train", batch_size=len(prompts)
+            global_steps=self.global_steps, partition_id="train", batch_size=len(part)
         )
         meta.extra_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
-        rollout = read_team_rollout(meta, len(prompts) * self.config.actor_rollout_ref.rollout.n,
-                                    self.team.a_clip, self.team.norm_eps, {uid: i for i, uid in enumerate(uids)})
+        rollout = read_team_rollout(meta, len(part) * self.config.actor_rollout_ref.rollout.n,
+                                    self.team.a_clip, self.team.norm_eps, dict(zip(uids, part)))
         self._created.append(rollout.meta)
         metrics["teamtr/rollout/dropped_trajectories"] = (
             metrics.get("teamtr/rollout/dropped_trajectories", 0) + rollout.dropped_trajectories
@@ -271,7 +283,8 @@ class TeamTRTrainer(PPOTrainer):
         """The gain of the updates made between two regenerations of the same episodes (paired, same prompts)."""
         old, new = before.episode_returns(), after.episode_returns()
         both = sorted(set(old) & set(new))  # a dropped trajectory (failed reward) leaves its pair out
-        if len(both) < 2:
+        if len(both) < 2:  # other prompts (split) or too few pairs: these updates stay unmeasured, never misattributed
+            self.state.forget_unmeasured(self.global_steps)
             return
         gain = algos.paired_gain([new[e] for e in both], [old[e] for e in both])
         for update in self.state.record_paired_gain(gain, self.global_steps):

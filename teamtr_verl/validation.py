@@ -13,6 +13,7 @@ import re
 
 from omegaconf import DictConfig, ListConfig
 
+from teamtr_verl import checkpoints
 from teamtr_verl.config import TeamConfig, TeamConfigError, validate_placement
 from teamtr_verl.defaults import AGENT_LOOP_MANAGER, RESUME_MODES, TRAINER_MODE
 from teamtr_verl.defaults import AGENT_LOOP_NAME as AGENT_LOOP
@@ -55,10 +56,17 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
     mode = config.trainer.resume_mode
     if mode not in RESUME_MODES:
         raise TeamConfigError(f"trainer.resume_mode={mode!r} is not valid: choose one of {', '.join(RESUME_MODES)}")
-    if mode == "resume_path" and "global_step_" not in str(config.trainer.get("resume_from_path") or ""):
-        raise TeamConfigError(f"trainer.resume_from_path={config.trainer.get('resume_from_path')!r} must name a "
-                              "global_step_N folder when trainer.resume_mode=resume_path")
+    if mode == "resume_path":
+        path = config.trainer.get("resume_from_path")
+        try:
+            checkpoints.stages_done(str(path or ""))
+        except ValueError:
+            raise TeamConfigError(f"trainer.resume_from_path={path!r} must name a global_step_S or stage_S_update_U "
+                                  "folder when trainer.resume_mode=resume_path") from None
     team = TeamConfig.from_config(config.get("teamtr"), prefix="teamtr")
+    if team.prompts_per_update == "split" and config.data.train_batch_size < len(team.agents):
+        raise TeamConfigError(f"data.train_batch_size={config.data.train_batch_size!r} is smaller than the team "
+                              f"({len(team.agents)} agents): teamtr.prompts_per_update=split needs a prompt per update")
     validate_placement(team, config.trainer.n_gpus_per_node * config.trainer.nnodes)
     for key in DATA_FILE_KEYS:
         _check_data_files(key, config.data.get(key.split(".", 1)[1]))

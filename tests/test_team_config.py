@@ -460,6 +460,12 @@ def test_stage_loop_and_certificate_from_omegaconf(models):
         ({"schedule": "stale", "resample_every": 2},
          "teamtr.resample_every=2 only applies to teamtr.schedule='teamtr' (it is 'stale'); set it to null"),
         ({"resample_every": 0}, "teamtr.resample_every=0 must be >= 1"),
+        ({"schedule": "stale", "prompts_per_update": "split"},
+         "teamtr.prompts_per_update='split' needs teamtr.schedule='teamtr' with a regeneration before every update "
+         "(schedule is 'stale', resample_every None): each update regenerates its own part"),
+        ({"resample_every": 2, "prompts_per_update": "split"},
+         "teamtr.prompts_per_update='split' needs teamtr.schedule='teamtr' with a regeneration before every update "
+         "(schedule is 'teamtr', resample_every 2): each update regenerates its own part"),
         ({"order": "sideways"}, "teamtr.order='sideways' is not valid: choose one of fixed, reversed, random"),
         ({"enforce": "yes"}, "teamtr.enforce='yes' must be true or false"),
         ({"max_backtracks": -1}, "teamtr.max_backtracks=-1 must be >= 0"),

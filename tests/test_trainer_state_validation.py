@@ -314,10 +314,15 @@ def test_good_config_passes(good_config):
     ("teamtr.certificate.heldout_fraction", 1.0, "teamtr.certificate.heldout_fraction=1.0 must be < 1"),
     ("trainer.resume_mode", "sometimes", "trainer.resume_mode='sometimes' is not valid"),
     ("critic.enable", True, "critic.enable=True is not supported"),
+    ("teamtr.prompts_per_update", "half", "teamtr.prompts_per_update='half' is not valid: choose one of all, split"),
+    ("data.train_batch_size", 1, "data.train_batch_size=1 is smaller than the team (2 agents): "
+                                 "teamtr.prompts_per_update=split needs a prompt per update"),
     ("algorithm.use_kl_in_reward", True, "algorithm.use_kl_in_reward=True is not supported"),
 ])
 def test_bad_config_names_the_dotted_key_and_value(good_config, key, value, expected):
     config = copy.deepcopy(good_config)
+    if key == "data.train_batch_size":
+        OmegaConf.update(config, "teamtr.prompts_per_update", "split")
     OmegaConf.update(config, key, value)
     with pytest.raises(TeamConfigError) as error:
         validate_teamtr_config(config)
@@ -427,3 +432,17 @@ def test_stock_main_ppo_stops_a_bad_teamtr_config_before_ray(main_ppo_runs, case
     assert "ray init kwargs" not in output  # printed by run_ppo right before ray.init
     assert "Started a local Ray instance" not in output and "ray.init" not in output
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("path, ok", [("/ckpt/global_step_3", True), ("/ckpt/stage_4_update_1", True),
+                                      ("/ckpt/step_3", False), (None, False)])
+def test_resume_path_names_a_stage_end_or_an_in_stage_checkpoint(good_config, path, ok):
+    config = copy.deepcopy(good_config)
+    OmegaConf.update(config, "trainer.resume_mode", "resume_path")
+    OmegaConf.update(config, "trainer.resume_from_path", path)
+    if ok:
+        validate_teamtr_config(config)
+    else:
+        with pytest.raises(TeamConfigError, match=f"trainer.resume_from_path={path!r} must name a global_step_S or "
+                                                  "stage_S_update_U folder"):
+            validate_teamtr_config(config)

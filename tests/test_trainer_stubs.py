@@ -230,7 +230,8 @@ class FakeRollouts:
         return len(batch)
 
     def sample(self, global_steps, partition_id, batch_size):
-        assert (global_steps, partition_id, batch_size) == (self.trainer.global_steps, "train", PROMPTS)
+        assert (global_steps, partition_id, batch_size) == (self.trainer.global_steps, "train",
+                                                            len(self.submitted[-1]["uid"]))
         generation = len(self.submitted)
         dropped = self.script.drop.get(generation, set())
         keys = [f"{uid}_{s}_{turn}" for p, uid in enumerate(self.submitted[-1]["uid"]) for s in range(SESSIONS)
@@ -239,8 +240,9 @@ class FakeRollouts:
 
     def read(self, meta, expected_trajectories, a_clip, norm_eps, prompt_of):
         generation = len(self.submitted)
-        assert prompt_of == {uid: i for i, uid in enumerate(self.submitted[-1]["uid"])}
-        assert expected_trajectories == PROMPTS * SESSIONS
+        uids = self.submitted[-1]["uid"]
+        assert prompt_of == {uid: episode_of(f"{uid}_0_0")[0] for uid in uids}  # each prompt's index in the stage
+        assert expected_trajectories == len(uids) * SESSIONS
         names = self.trainer.team.agent_names
         agents = [names[int(key.rsplit("_", 1)[1])] for key in meta.keys]
         trajectories = [key.rsplit("_", 1)[0] for key in meta.keys]
@@ -1150,3 +1152,26 @@ def test_each_stage_prints_one_console_line(make_trainer, base_configs, capsys):
     assert lines[0].startswith(f"teamtr stage 1/15 | return {metrics['teamtr/stage/return_mean']:.3f} | "
                                f"alice KL {metrics['teamtr/alice/kl']:.4f}/0.01 | bob KL 0.0000/0.01 given up | ")
     assert lines[0].endswith(" s")
+
+
+def test_split_prompts_give_each_update_its_own_part_with_the_stages_seeds(make_trainer, base_configs):
+    trainer = make_trainer(team_config(base_configs, 2, prompts_per_update="split"), [])
+    metrics = {}
+    trainer.step(metrics, {})
+    submitted = trainer.rollouts.submitted
+    prompts_of = [sorted(episode_of(f"{uid}_0_0")[0] for uid in s["uid"]) for s in submitted]
+    # alice regenerates prompts 0-1, bob 2-3, and the closing regeneration measures bob's update on bob's part
+    assert prompts_of == [[0, 1], [2, 3], [2, 3]]
+    seeds = prompt_seeds(1, PROMPTS)
+    for regeneration, prompts in zip(submitted, prompts_of):
+        assert regeneration["seed"] == [seeds[p] for p in prompts]  # the same per-prompt seeds as an `all` stage
+    # each update trains on its part minus one held-out prompt of it, and is measured on that held-out prompt
+    for name, part in (("alice", {0, 1}), ("bob", {2, 3})):
+        trained = {episode_of(k)[0] for agent, keys in trainer.trained_keys if agent == name for k in keys}
+        measured = {episode_of(k)[0] for agent, keys in trainer.measured_keys if agent == name for k in keys}
+        assert len(trained) == len(measured) == 1 and trained | measured == part
+    assert metrics["teamtr/stage/episodes"] == 3 * 2 * SESSIONS  # an `all` stage: 3 x 4 x SESSIONS
+    # alice's update is never paired (the next regeneration covers other prompts); bob's is, by the closing one
+    alice, bob = trainer.state.ledger
+    assert alice["crn_gain"] is None and bob["crn_gain"] == pytest.approx(RETURN_STEP)
+    assert metrics["teamtr/stage/gain_measurements"] == 1
