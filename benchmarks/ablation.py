@@ -1,18 +1,22 @@
-"""Ablation: the `teamtr`, `stale` and `happo` schedules on the relay task, for N = 2 and 3 agents and several seeds.
+"""Ablation: TeamTR against naive sequential fine-tuning through verl, at equal stages and at equal episodes.
 
-    python benchmarks/ablation.py [--agents 2 3] [--seeds 0 1 2] [--stages 6] [--out DIR]
+    python benchmarks/ablation.py [--task budget|relay] [--agents 2 3 4] [--seeds 0 1 2]
+                                  [--schedules teamtr stale matched happo] [--stages 8] [--out DIR]
 
-Every run is the stock entry point (``python -m verl.trainer.main_ppo``, config ``teamtr_relay_cpu``) with
-``teamtr.schedule`` set, on a relay team built by teamtr_verl.fixtures.relay: N=2 alice -> bob; N=3 alice -> bob ->
-carol, where bob must pass alice's digit on and carol's best reply depends on what bob currently says. A seed sets the
-models' initialisation, their warm start and the data order; the three schedules of one (N, seed) start from the same
-team. Per regeneration: 16 prompts (N=2) or 18 (N=3: verl wants prompts x 8 samples divisible by the 3 devices) x 8
-samples, 2 mini-batches (= gradient steps) per agent update. Runs whose metrics are complete in --out are reused, so an
+Every run is the stock entry point (``python -m verl.trainer.main_ppo``, the task's CPU config) on a team built by
+teamtr_verl.fixtures (relay, or budget-sq: the dense division-of-labour game where the occupancy-shift simulator
+found stale updates costing return, docs/science.md). Schedules: ``teamtr`` (regenerate before every update),
+``stale`` (one rollout per stage, every update on it), ``matched`` (teamtr with ``teamtr.prompts_per_update=split``:
+update i regenerates only the i-th of N parts of the stage's prompts, so a stage generates as many episodes as a
+stale one), ``happo`` (stale + the HAPPO importance factor). A seed sets the models' initialisation, warm start and
+data order; the schedules of one (N, seed) start from the same team. Per stage: P prompts (16, or the next multiple
+of N, for N=3 18) x 8 samples; 2 mini-batches per update. Runs whose metrics are complete in --out are reused, so an
 interrupted ablation continues where it stopped.
 
-Per run: final team return (mean of the last two stages' first regeneration), the measured-gain intervals with a
-negative gain (coordination regressions; sampling noise included), the full update steps that left the KL region
-(before the line search), the committed updates outside it, and the episodes generated. Prints a markdown table.
+Per run: team return of the first and the last two stages (each stage's first regeneration: under ``matched`` that is
+the first part only), the measured-gain intervals with a negative gain (sampling noise included), full update steps
+that left the KL region (before the line search), committed updates outside it, and the episodes generated; over
+seeds, the final return and the return reached within the episodes the cheapest schedule used. A markdown table.
 """
 
 from __future__ import annotations
@@ -22,23 +26,27 @@ import statistics
 import sys
 from pathlib import Path
 
-from verl_runs import header_lines, relay_run
+from verl_runs import TASKS, header_lines, team_run
 
-NAMES = ("alice", "bob", "carol")
-SCHEDULES = ("teamtr", "stale", "happo")
-PROMPTS = {2: 16, 3: 18}  # per regeneration, by team size
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank")
+SCHEDULES = {"teamtr": ["teamtr.schedule=teamtr"], "stale": ["teamtr.schedule=stale"],
+             "matched": ["teamtr.schedule=teamtr", "teamtr.prompts_per_update=split"],
+             "happo": ["teamtr.schedule=happo"]}
 
 
-def run_one(out: Path, n_agents: int, seed: int, schedule: str, stages: int, prompts: int) -> dict[int, dict]:
-    return relay_run(out / f"team_n{n_agents}_s{seed}", NAMES[:n_agents], seed,
-                     out / f"n{n_agents}_s{seed}_{schedule}.jsonl", stages, [
-        f"trainer.n_gpus_per_node={n_agents}", f"teamtr.schedule={schedule}", f"data.train_batch_size={prompts}",
+def prompts_for(n_agents: int) -> int:
+    """Prompts per stage: 16, or 18 for N = 3 (verl wants prompts x 8 samples divisible by the N devices)."""
+    return 16 if 16 * 8 % n_agents == 0 else 18
+
+
+def run_one(task: str, out: Path, n_agents: int, seed: int, schedule: str, stages: int) -> dict[int, dict]:
+    prompts = prompts_for(n_agents)
+    return team_run(task, out / f"team_n{n_agents}_s{seed}", NAMES[:n_agents], seed,
+                    out / f"n{n_agents}_s{seed}_{schedule}.jsonl", stages, [
+        f"trainer.n_gpus_per_node={n_agents}", *SCHEDULES[schedule], f"data.train_batch_size={prompts}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts // 2}",
-        # verl's fixed micro-batch path needs the rows to divide into micro-batches: one micro-batch per mini-batch
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={prompts // 2 * 8}",
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={prompts // 2 * 8}",
-        f"trainer.default_local_dir={out / 'ckpt'}", f"trainer.experiment_name=ablation_n{n_agents}_s{seed}_{schedule}",
-    ], f"n={n_agents} seed={seed} {schedule}")
+        f"trainer.default_local_dir={out / 'ckpt'}", f"trainer.experiment_name=ablation_{task}_n{n_agents}_s{seed}_{schedule}",
+    ], f"{task} n={n_agents} seed={seed} {schedule}")
 
 
 def return_within_episodes(rows: dict[int, dict], episodes: int) -> float:
@@ -71,18 +79,20 @@ def summarize_run(rows: dict[int, dict], names: tuple[str, ...]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--agents", type=int, nargs="+", default=[2, 3], choices=[2, 3])
+    parser.add_argument("--task", default="budget", choices=sorted(TASKS))
+    parser.add_argument("--agents", type=int, nargs="+", default=[2, 3, 4], choices=range(2, len(NAMES) + 1))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
-    parser.add_argument("--stages", type=int, default=6)
+    parser.add_argument("--schedules", nargs="+", default=["teamtr", "stale", "matched"], choices=list(SCHEDULES))
+    parser.add_argument("--stages", type=int, default=8)
     parser.add_argument("--out", default="ablation_runs")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    lines = header_lines("Ablation: teamtr vs stale vs happo on the relay task")
-    lines += [f"- budget per run: {args.stages} stages; per regeneration {PROMPTS} prompts (by N) x 8 samples; "
-              f"lr 2e-3, delta 0.05, 2 mini-batches (gradient steps) per update; seeds {args.seeds}", "",
+    lines = header_lines(f"Ablation: {', '.join(args.schedules)} on the {args.task} task (teamtr_verl.fixtures)")
+    lines += [f"- budget per run: {args.stages} stages; per stage {', '.join(f'N={n}: {prompts_for(n)}' for n in args.agents)}"
+              f" prompts x 8 samples; the {TASKS[args.task]} config's lr and delta, 2 mini-batches per update; "
+              f"seeds {args.seeds}", "",
               "| N | schedule | seed | team return, stage 1 | final team return | negative measured gains | "
               "full steps outside delta | committed outside | episodes | median stage (s) |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -92,7 +102,7 @@ def main() -> int:
         for schedule in args.schedules:
             results = []
             for seed in args.seeds:
-                result = summarize_run(run_one(out, n_agents, seed, schedule, args.stages, PROMPTS[n_agents]),
+                result = summarize_run(run_one(args.task, out, n_agents, seed, schedule, args.stages),
                                        NAMES[:n_agents])
                 results.append(result)
                 lines.append(f"| {n_agents} | {schedule} | {seed} | {result['first_return']:.3f} | "
@@ -100,7 +110,7 @@ def main() -> int:
                              f"{result['full_step_outside']:.2f} | {result['committed_outside']} | "
                              f"{result['episodes']} | {result['stage_s']:.1f} |")
             per_schedule[schedule] = results
-        # equal-budget view: teamtr generates more episodes per stage than stale/happo
+        # equal-budget view: teamtr generates more episodes per stage than stale/happo/matched
         budget = min(sum(r["episodes"] for r in results) // len(results) for results in per_schedule.values())
         for schedule, results in per_schedule.items():
             finals = [r["final_return"] for r in results]

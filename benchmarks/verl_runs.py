@@ -42,20 +42,31 @@ def header_lines(title: str) -> list[str]:
             f"torch {torch.__version__}, verl {verl.__version__}, vllm {vllm.__version__}", ""]
 
 
-def relay_run(team: Path, names: tuple[str, ...], seed: int, metrics: Path, stages: int, overrides: list[str],
-              label: str) -> dict[int, dict]:
-    """A relay team built once per (names, seed) into ``team``, trained with the demo config for ``stages`` stages;
-    complete metrics already in ``metrics`` are reused (an interrupted sweep continues where it stopped)."""
+TASKS = {"relay": "teamtr_relay_cpu", "budget": "teamtr_budget_cpu"}  # task -> its CPU config
+
+
+def team_run(task: str, team: Path, names: tuple[str, ...], seed: int, metrics: Path, stages: int,
+             overrides: list[str], label: str) -> dict[int, dict]:
+    """A ``task`` team (teamtr_verl.fixtures: relay or budget) built once per (names, seed) into ``team``, trained with
+    the task's CPU config for ``stages`` stages; complete metrics already in ``metrics`` are reused (an interrupted
+    sweep continues where it stopped)."""
+    from teamtr_verl.fixtures.budget import build_budget_team
     from teamtr_verl.fixtures.relay import build_relay_team
 
     if not (team / "data" / "train.parquet").is_file():
-        build_relay_team(team, names, seed=seed)
+        {"relay": build_relay_team, "budget": build_budget_team}[task](team, names, seed=seed)
     if metrics.is_file() and len(read_metrics(metrics)) >= stages:
         return read_metrics(metrics)
-    rows, memory = run_main_ppo("teamtr_relay_cpu", [
+    rows, memory = run_main_ppo(TASKS[task], [
         team_override({name: team / name for name in names}),
         f"data.train_files={team / 'data' / 'train.parquet'}", f"data.val_files={team / 'data' / 'test.parquet'}",
         f"data.seed={seed}", f"trainer.total_training_steps={stages}", *overrides,
     ], metrics)
     print(f"{label}: {memory}", flush=True)
     return rows
+
+
+def relay_run(team: Path, names: tuple[str, ...], seed: int, metrics: Path, stages: int, overrides: list[str],
+              label: str) -> dict[int, dict]:
+    """:func:`team_run` on the relay task (the demo's config)."""
+    return team_run("relay", team, names, seed, metrics, stages, overrides, label)

@@ -144,6 +144,7 @@ class TeamConfig:
     schedule: str = "teamtr"
     resample_every: Optional[int] = None  # schedule=teamtr only: regenerate before every k-th update (None = 1)
     prompts_per_update: str = "all"  # split: update i regenerates (and trains on) only part i of the stage's prompts
+    reuse_prefix: bool = True  # a regeneration keeps each episode's turns before the first turn of an updated agent
     order: str = "fixed"
     order_seed: int = 0
     enforce: bool = True  # line-search every update into its KL region (else: only adapt β and count the overshoot)
@@ -378,6 +379,7 @@ def _parse_stage_loop(block: Mapping, prefix: str) -> dict:
         schedule=schedule,
         resample_every=resample_every,
         prompts_per_update=prompts_per_update,
+        reuse_prefix=_flag(block, "reuse_prefix", TeamConfig.reuse_prefix, prefix),
         order=_choice(block, "order", ORDERS, prefix),
         order_seed=_integer(block.get("order_seed", TeamConfig.order_seed), f"{prefix}.order_seed"),
         enforce=enforce,

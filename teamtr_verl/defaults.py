@@ -59,4 +59,9 @@ RESUME_MODES = ("auto", "disable", "resume_path")
 
 # ------------------------------------------------------------------------------- keys shared across modules
 AGENT_FIELD = "teamtr_agent"  # extra_fields key: who wrote a row
+TURN_FIELD = "teamtr_turn"  # extra_fields key: the turn index of a row in its episode
+REUSED_FIELD = "teamtr_reused"  # extra_fields key: a turn taken from the previous regeneration (prefix reuse)
+# dataset-row field the trainer sets to reuse an episode's first turns from the previous regeneration of the same
+# episode: JSON {session: [[prompt_ids, response_ids, log_probs or null, server extra_fields], ...]}
+PREFIX_FIELD = "teamtr_prefix"
 AGENT_VIEWS_KEY = "agent_views"  # extra_info key: per-agent views of a dataset row

@@ -8,6 +8,7 @@ team trajectories (``{uid}_{session}``) and prompt groups (``uid``), and given t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from transfer_queue import KVBatchMeta
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
 from teamtr_verl.algos import teamtr_row_advantage
-from teamtr_verl.defaults import AGENT_FIELD
+from teamtr_verl.defaults import AGENT_FIELD, REUSED_FIELD, TURN_FIELD
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TeamRollout:
     group_std_mean: float
     expected_trajectories: int
     prompt_of: dict[str, int]
+    reused: Optional[list[bool]] = None  # per row: taken from the previous regeneration (prefix reuse)
+    response_len: Optional[np.ndarray] = None  # per row: response tokens
 
     def __post_init__(self) -> None:
         self.row_of_key = {key: i for i, key in enumerate(self.meta.keys)}
@@ -86,7 +89,8 @@ def read_team_rollout(meta: KVBatchMeta, expected_trajectories: int, a_clip: flo
     """Read a regeneration's rows from TransferQueue and compute Eq. 9 over its team trajectories."""
     data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id,
                            select_fields=["uid", "rm_scores", "response_mask", "extra_fields"])
-    agents = [fields[AGENT_FIELD] for fields in data.pop("extra_fields").tolist()]
+    extra = data.pop("extra_fields").tolist()
+    agents = [fields[AGENT_FIELD] for fields in extra]
     uids = [str(uid) for uid in data.pop("uid").tolist()]
     trajectory = [key.rsplit("_", 1)[0] for key in meta.keys]  # drop the turn index of {uid}_{session}_{turn}
     padded = data.to_padded_tensor()
@@ -109,7 +113,26 @@ def read_team_rollout(meta: KVBatchMeta, expected_trajectories: int, a_clip: flo
         group_std_mean=float(np.mean(list(group_std.values()))),
         expected_trajectories=expected_trajectories,
         prompt_of=prompt_of,
+        reused=[bool(fields.get(REUSED_FIELD, False)) for fields in extra],
+        response_len=padded["response_mask"].sum(dim=1).numpy(),
     )
+
+
+def read_turn_records(meta: KVBatchMeta, with_log_probs: bool) -> dict[str, tuple[int, list, list, Any, dict]]:
+    """Per row of a rollout: (turn, prompt ids, response ids, rollout log-probs or None, the server's own
+    extra_fields), what a later regeneration needs to reuse the turn exactly (prefix reuse)."""
+    fields = ["prompts", "responses", "extra_fields"] + (["rollout_log_probs"] if with_log_probs else [])
+    data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=fields)
+    extra = data.pop("extra_fields").tolist()  # pop: the NonTensorStack itself (indexing returns its raw storage)
+    prompts, responses = data["prompts"].unbind(), data["responses"].unbind()
+    log_probs = data["rollout_log_probs"].unbind() if with_log_probs else [None] * len(meta.keys)
+    records = {}
+    for i, key in enumerate(meta.keys):
+        server = {k: v for k, v in extra[i].items()  # JSON scalars the server set (not the team's own fields)
+                  if not k.startswith("teamtr_") and k != "reward_extra_info" and isinstance(v, (int, float, str))}
+        records[key] = (int(extra[i][TURN_FIELD]), prompts[i].tolist(), responses[i].tolist(),
+                        None if log_probs[i] is None else log_probs[i].tolist(), server)
+    return records
 
 
 def write_advantages(batch: KVBatchMeta, row_advantage: dict[str, float]) -> KVBatchMeta:

@@ -9,6 +9,7 @@ turn placed last (verl scores the last output of a trajectory and copies the rew
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from verl.utils.profiler import simple_timer
 from verl.workers.rollout.llm_server import LLMServerClient
 
 from teamtr_verl.config import TeamConfig
-from teamtr_verl.defaults import AGENT_FIELD, AGENT_LOOP_NAME
+from teamtr_verl.defaults import AGENT_FIELD, AGENT_LOOP_NAME, PREFIX_FIELD, REUSED_FIELD, TURN_FIELD
 from teamtr_verl.team_logic import (
     Message,
     agent_view,
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
 # Keys this module writes into each AgentLoopOutput.extra_fields (they reach the trainer through TransferQueue).
-TURN_FIELD = "teamtr_turn"
 ANSWER_FIELD, TRANSCRIPT_FIELD = "teamtr_answer", "teamtr_transcript"
 # sampling kwarg the routing client pops to choose the server set
 ROUTE_KWARG = "teamtr_agent"
@@ -106,6 +106,14 @@ def agent_tokenizer(model_path: str):
     return hf_tokenizer(model_path, trust_remote_code=False)
 
 
+def episode_prefix(prefix_json: Any, session: int) -> list[tuple[list[int], list[int], Any, dict]]:
+    """The reused turns of one session from a row's ``PREFIX_FIELD`` (empty when there is none)."""
+    if not prefix_json:
+        return []
+    turns = json.loads(prefix_json).get(str(session), [])
+    return [(list(p), list(r), None if lp is None else list(lp), dict(fields or {})) for p, r, lp, fields in turns]
+
+
 @register(AGENT_LOOP_NAME)
 class TeamHandoffAgentLoop(AgentLoopBase):
     """One team episode: the router picks the speaker of each turn; the speaker sees its role prompt, its own view
@@ -125,31 +133,38 @@ class TeamHandoffAgentLoop(AgentLoopBase):
         scored_turn = answer_turn(schedule, self.team.handoff)
 
         prompt_seed = kwargs.get(SEED_FIELD)
+        session = int(kwargs.get("session_id", 0))
+        reused = episode_prefix(kwargs.get(PREFIX_FIELD), session)
         transcript: list[Message] = []
         outputs: list[AgentLoopOutput] = []
         for turn, speaker in enumerate(schedule):
             agent = self.team.agent(speaker)
             tokenizer = agent_tokenizer(agent.model)
-            task_messages = agent_view(extra_info, raw_prompt, speaker)
-            chat = build_agent_messages(agent, task_messages, transcript, self.team.handoff,
-                                        show_transcript=transcript_visible(extra_info))
-            prompt_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False)
-            prompt_ids = self._cap_text_prompt_length(list(prompt_ids))
-            metrics = {}
-            with simple_timer("generate_sequences", metrics):
-                turn_params = sampling_params if prompt_seed is None else {
-                    **sampling_params, "seed": turn_seed(int(prompt_seed), int(kwargs.get("session_id", 0)), turn)}
-                generated = await self.server_manager.generate(
-                    request_id=uuid4().hex, prompt_ids=prompt_ids, sampling_params=turn_params,
-                    **{ROUTE_KWARG: speaker},
-                )
-            response_ids = list(generated.token_ids[: self.response_length])
-            log_probs = list(generated.log_probs[: self.response_length]) if generated.log_probs else None
+            metrics = {"generate_sequences": 0.0}
+            if turn < len(reused):  # the same speaker saw the same context: the earlier sample stands (exact)
+                prompt_ids, response_ids, log_probs, server_fields = reused[turn]
+            else:
+                task_messages = agent_view(extra_info, raw_prompt, speaker)
+                chat = build_agent_messages(agent, task_messages, transcript, self.team.handoff,
+                                            show_transcript=transcript_visible(extra_info))
+                prompt_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False)
+                prompt_ids = self._cap_text_prompt_length(list(prompt_ids))
+                with simple_timer("generate_sequences", metrics):
+                    turn_params = sampling_params if prompt_seed is None else {
+                        **sampling_params, "seed": turn_seed(int(prompt_seed), session, turn)}
+                    generated = await self.server_manager.generate(
+                        request_id=uuid4().hex, prompt_ids=prompt_ids, sampling_params=turn_params,
+                        **{ROUTE_KWARG: speaker},
+                    )
+                response_ids = list(generated.token_ids[: self.response_length])
+                log_probs = list(generated.log_probs[: self.response_length]) if generated.log_probs else None
+                server_fields = dict(generated.extra_fields or {})
             content = tokenizer.decode(response_ids, skip_special_tokens=True)
             transcript.append(Message(speaker=speaker, turn=turn, content=content))
-            extra_fields = dict(generated.extra_fields or {})
-            extra_fields.update({AGENT_FIELD: speaker, TURN_FIELD: turn, ANSWER_FIELD: turn == scored_turn})
+            extra_fields = dict(server_fields)
+            extra_fields.update({AGENT_FIELD: speaker, TURN_FIELD: turn, ANSWER_FIELD: turn == scored_turn,
+                                 REUSED_FIELD: turn < len(reused)})
             outputs.append(
                 AgentLoopOutput(
                     prompt_ids=prompt_ids,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -122,6 +122,20 @@ def answer_turn(schedule: Sequence[str], handoff: HandoffSpec) -> int:
         if schedule[turn] == handoff.answer:
             return turn
     raise ValueError(f"handoff.answer={handoff.answer!r} never speaks in this episode's schedule {list(schedule)}")
+
+
+def reusable_turns(schedule: Sequence[str], changed: Iterable[str]) -> int:
+    """How many leading turns of an episode a regeneration may take from the previous rollout of the same episode:
+    those before the first turn of an agent updated since (the earlier speakers and everything they saw are
+    unchanged, so those turns have exactly the distribution they had). All of them when no speaker changed."""
+    changed = set(changed)
+    return next((turn for turn, speaker in enumerate(schedule) if speaker in changed), len(schedule))
+
+
+def prefix_reuse_is_exact(router: RouterSpec) -> bool:
+    """Whether an episode's schedule is the same in every regeneration: not for the random router, whose schedule is
+    drawn from the episode's uid, fresh in each regeneration."""
+    return router.kind != "random"
 
 
 # ------------------------------------------------------------------------------------------------ views

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from typing import Optional
 
 import torch
 from omegaconf import DictConfig
+from ray.exceptions import RayActorError
 from transfer_queue import KVBatchMeta
 from verl.experimental.reward_loop import RewardLoopManager
 from verl.trainer.ppo.utils import need_reference_policy
@@ -41,15 +43,33 @@ from verl.workers.utils.losses import ppo_loss
 
 from teamtr_verl import algos, checkpoints
 from teamtr_verl.config import TeamConfig
-from teamtr_verl.defaults import TRAINER_MODE
-from teamtr_verl.rollout_batch import TeamRollout, read_log_probs, read_team_rollout, write_advantages
+from teamtr_verl.defaults import PREFIX_FIELD, TRAINER_MODE
+from teamtr_verl.rollout_batch import (
+    TeamRollout,
+    read_log_probs,
+    read_team_rollout,
+    read_turn_records,
+    write_advantages,
+)
 from teamtr_verl.state import TeamTRState
 from teamtr_verl.team import SEED_FIELD, TeamLLMClient, agent_tokenizer
-from teamtr_verl.team_logic import heldout_prompts, prompt_seeds
+from teamtr_verl.team_logic import (
+    heldout_prompts,
+    prefix_reuse_is_exact,
+    prompt_seeds,
+    reusable_turns,
+    router_schedule,
+)
+from teamtr_verl.topology import build_team_stacks, expected_server_names
+from teamtr_verl.watchdog import AgentWatch, describe
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 
+
+
+class AgentDiedError(RuntimeError):
+    """A Ray actor (FSDP worker, vLLM server) of an agent died during a stage."""
 
 
 class NonFiniteUpdateError(RuntimeError):
@@ -128,8 +148,6 @@ class TeamTRTrainer(PPOTrainer):
 
     # ---------------------------------------------------------------------------------------------------- set-up
     def _setup(self):
-        from teamtr_verl.topology import build_team_stacks
-
         self._init_tokenizer()
         self._init_dataloader()
         self._init_dump_executor()
@@ -142,6 +160,11 @@ class TeamTRTrainer(PPOTrainer):
         self.teacher_model_manager, self.distillation_config = None, None
         for stack in self.stacks.values():
             stack.checkpoint_manager.sleep_replicas()
+        # a dead worker or vLLM server stops the run naming its agent, instead of a stage waiting forever
+        self.watch = AgentWatch.of_team(self.team.agent_names, expected_server_names(self.config, self.team))
+        for line in self.watch.summary():
+            print(line, flush=True)
+        self.watch.start()
         self._load_checkpoint()
 
     def on_init_end(self):
@@ -192,6 +215,16 @@ class TeamTRTrainer(PPOTrainer):
     # ----------------------------------------------------------------------------------------------------- stage
     def step(self, metrics: dict, timing_raw: dict) -> KVBatchMeta:
         """One TeamTR stage; returns every TransferQueue key it created (verl's fit() clears them)."""
+        try:
+            return self._stage(metrics)
+        except RayActorError as error:  # name the agent whose actor died (the watch may not have polled yet)
+            watch = getattr(self, "watch", None)
+            dead = watch.dead() if watch is not None else []
+            if dead:
+                raise AgentDiedError(f"teamtr: stage {self.global_steps}: {describe(dead)}") from error
+            raise
+
+    def _stage(self, metrics: dict) -> KVBatchMeta:
         stage, stage_start = self.global_steps, time.perf_counter()
         cursor = self.state.cursor if self.state.cursor and self.state.cursor["stage"] == stage else None
         if self.team.save_every_update and cursor is None:  # an in-stage checkpoint redraws these same prompts
@@ -209,13 +242,15 @@ class TeamTRTrainer(PPOTrainer):
         self._trained_batches: list[KVBatchMeta] = []
         rollout: Optional[TeamRollout] = None
         prior_log_w: Optional[torch.Tensor] = None  # stale/happo: log of the earlier updates' trajectory ratios
+        changed: set[str] = set()  # agents whose update was committed since the last regeneration
         for index, name in enumerate(order):
             if index < done:
                 continue
             if self.team.regenerates_before(index):
                 print(f"teamtr: stage {stage}: regenerating before {name}'s update", flush=True)  # progress in the log
                 start = time.perf_counter()
-                rollout = self._regenerate(prompts, parts[index], stage, rollout, metrics)
+                rollout = self._regenerate(prompts, parts[index], stage, rollout, metrics, changed)
+                changed = set()
                 metrics[f"teamtr/{name}/gen_s"] = time.perf_counter() - start
                 prior_log_w = torch.zeros(len(rollout.trajectories), dtype=torch.float64)
             else:
@@ -224,6 +259,7 @@ class TeamTRTrainer(PPOTrainer):
             log_w = self._update_agent(name, rollout, heldout, prior_log_w, stage, index, metrics)
             if log_w is not None:  # a later update on this same rollout (stale, happo, resample_every) weights by it
                 prior_log_w = prior_log_w + log_w
+                changed.add(name)
             self._sync(name, metrics)
             if self.team.checkpoints_after(index, len(order)):
                 self._save_checkpoint(cursor={"stage": stage, "order": list(order), "done": index + 1,
@@ -231,7 +267,7 @@ class TeamTRTrainer(PPOTrainer):
         self.state.cursor = None
         if self.team.certificate.closing_regeneration:  # the last update's gain, on this stage's episodes
             start = time.perf_counter()
-            self._regenerate(prompts, parts[-1], stage, rollout, metrics)
+            self._regenerate(prompts, parts[-1], stage, rollout, metrics, changed)
             metrics["teamtr/stage/closing_gen_s"] = time.perf_counter() - start
         self._log_stage(order, metrics)
         self.state.stages_done = stage
@@ -251,16 +287,20 @@ class TeamTRTrainer(PPOTrainer):
         return frozenset(held)
 
     def _regenerate(self, prompts, part: list[int], stage: int, previous: Optional[TeamRollout],
-                    metrics: dict) -> TeamRollout:
+                    metrics: dict, changed: frozenset[str] | set[str] = frozenset()) -> TeamRollout:
         """Team rollouts of the current team on the stage's prompts ``part`` (indices): fresh uids that keep each
         prompt's index, existing servers, and (``certificate.crn``) the stage's sampling seeds, so that it pairs
-        episode by episode with ``previous`` where both cover the same prompts."""
+        episode by episode with ``previous`` where both cover the same prompts. With ``reuse_prefix``, each episode's
+        turns before the first turn of a ``changed`` agent are taken from ``previous`` instead of generated."""
         batch = tu.index_select_tensor_dict(prompts, list(part))
         uids = [f"p{index}x{uuid.uuid4().hex}" for index in part]  # no "_": verl splits keys on it
         tu.assign_non_tensor_stack(batch, "uid", uids)
         if self.team.certificate.crn:
             seeds = prompt_seeds(stage, len(prompts), self.team.order_seed)
             tu.assign_non_tensor_stack(batch, SEED_FIELD, [seeds[index] for index in part])
+        prefix = self._reusable_prefix(previous, part, changed)
+        if prefix:
+            tu.assign_non_tensor_stack(batch, PREFIX_FIELD, [prefix.get(index, "") for index in part])
         self._submit_batch_to_rollout(batch)
         meta, sample_metrics = self.replay_buffer.sample(
             global_steps=self.global_steps, partition_id="train", batch_size=len(part)
@@ -273,11 +313,41 @@ class TeamTRTrainer(PPOTrainer):
             metrics.get("teamtr/rollout/dropped_trajectories", 0) + rollout.dropped_trajectories
         )
         metrics["teamtr/stage/episodes"] = metrics.get("teamtr/stage/episodes", 0) + len(rollout.returns)
+        if rollout.reused is not None:  # what this regeneration sampled, and what it took from the previous one
+            generated = [not reused for reused in rollout.reused]
+            for key, value in (("turns_generated", sum(generated)), ("turns_reused", len(generated) - sum(generated)),
+                               ("tokens_generated", int(rollout.response_len[generated].sum()))):
+                metrics[f"teamtr/stage/{key}"] = metrics.get(f"teamtr/stage/{key}", 0) + value
         metrics.update({k: v for k, v in sample_metrics.items() if isinstance(v, (int, float))})
         metrics.setdefault("teamtr/stage/return_mean", rollout.return_mean)  # the stage's first regeneration
         if previous is not None:
             self._record_paired_gain(previous, rollout, metrics)
         return rollout
+
+    def _reusable_prefix(self, previous: Optional[TeamRollout], part: list[int],
+                         changed: frozenset[str] | set[str]) -> dict[int, str]:
+        """Per prompt index, the JSON prefix (``PREFIX_FIELD``) of its episodes: their turns in ``previous`` before
+        the first turn of a changed agent. Empty when reuse is off or not exact (another prompt part, a random
+        router), or when the first turn already belongs to a changed agent."""
+        if not self.team.reuse_prefix or previous is None or not prefix_reuse_is_exact(self.team.router):
+            return {}
+        if sorted(set(previous.prompt_of.values())) != sorted(part):
+            return {}
+        schedule = router_schedule(self.team.router, self.team.agent_names, "")  # the same for every episode
+        keep = reusable_turns(schedule, changed)
+        if keep == 0:
+            return {}
+        records = read_turn_records(previous.meta, self.config.actor_rollout_ref.rollout.calculate_log_probs)
+        turns: dict[tuple[int, int], dict[int, list]] = {}
+        for key, (turn, prompt_ids, response_ids, log_probs, server) in records.items():
+            if turn < keep:
+                episode = previous.episode(previous.trajectory[previous.row_of_key[key]])
+                turns.setdefault(episode, {})[turn] = [prompt_ids, response_ids, log_probs, server]
+        prefix: dict[int, dict[str, list]] = {}
+        for (prompt, session), by_turn in turns.items():
+            if len(by_turn) == keep:  # a trajectory verl dropped (failed reward) is regenerated whole
+                prefix.setdefault(prompt, {})[str(session)] = [by_turn[t] for t in range(keep)]
+        return {prompt: json.dumps(sessions) for prompt, sessions in prefix.items()}
 
     def _record_paired_gain(self, before: TeamRollout, after: TeamRollout, metrics: dict) -> None:
         """The gain of the updates made between two regenerations of the same episodes (paired, same prompts)."""

@@ -1,11 +1,14 @@
-"""Fault drills on CPU (real verl, Ray, vLLM): a TeamTR run with ``teamtr.save_every_update=true`` is killed with
-SIGKILL -- the driver and every process it started, as when its node dies -- once during an agent update and once
-during a regeneration, and resumed each time with ``trainer.resume_mode=auto``:
+"""Fault drills on CPU (real verl, Ray, vLLM), one run resumed twice (each start costs minutes on 2 cores): a TeamTR run
+with ``teamtr.save_every_update=true`` is killed with SIGKILL -- the driver and every process it started, as when its
+node dies -- once during an agent update and once during a regeneration, and resumed each time with
+``trainer.resume_mode=auto``:
 
 * no checkpoint is half-written: the resume pointer names a complete folder, no scratch folder is counted;
 * killed during bob's update of stage 1, the run resumes inside stage 1 from the checkpoint after alice's update and
   updates bob only; killed during stage 2's first regeneration, it resumes from the end of stage 1;
-* the metrics file holds every stage exactly once, and stage 1's line has both agents' updates.
+* the metrics file holds every stage exactly once, and stage 1's line has both agents' updates;
+* in the last resumed run one agent's vLLM server is killed: the run stops with an error that names the agent
+  (teamtr_verl.watchdog), not a hang.
 """
 
 import json
@@ -40,6 +43,10 @@ def wait_for(process, log: Path, pattern: str, timeout: float = 900) -> None:
 def kill(process) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    kill_leftovers()
+
+
+def kill_leftovers() -> None:
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)  # Ray processes outside the group
 
@@ -49,7 +56,7 @@ def stage_lines(metrics_file: Path) -> list[int]:
             if line.strip() and "teamtr/stage/return_mean" in json.loads(line)["data"]]
 
 
-def test_kills_during_an_update_and_a_regeneration_lose_at_most_that_update(tiny_team, tmp_path):
+def test_kills_during_an_update_a_regeneration_and_of_a_server(tiny_team, tmp_path):
     alice, bob = tiny_team
     data = write_addition_dataset(tmp_path / "data", n_train=16, n_val=4)
     ckpt, metrics_file = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
@@ -86,9 +93,32 @@ def test_kills_during_an_update_and_a_regeneration_lose_at_most_that_update(tiny
     for agent in ("alice", "bob"):  # alice's metrics came through the in-stage checkpoint
         assert stage1[f"teamtr/{agent}/messages"] == 6 and f"teamtr/{agent}/kl" in stage1
 
-    # 3. resumed from the end of stage 1, runs to the end
+    # 3. resumed from the end of stage 1; bob's vLLM server is killed while alice is updated: the run stops, naming
+    #    bob, instead of waiting for bob's regeneration (the trainer listed every agent's actors and pids at start-up)
     process, log = start("run3")
-    assert process.wait(timeout=900) == 0, f"see {log}"
-    assert stage_lines(metrics_file) == [1, 2]  # every stage once
-    assert (ckpt / "teamtr_latest.txt").read_text() == "global_step_2"
-    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp_")]
+    try:
+        wait_for(process, log, r"teamtr: stage 2: updating alice")
+        text = log.read_text(errors="replace")
+        assert "teamtr: resumed from" in text and "global_step_1 after stage 1" in text
+        pid = int(re.search(r"teamtr: agent bob: .*vllm_server_1_0 \(pid (\d+)\)", text)[1])
+        os.kill(pid, signal.SIGKILL)
+        started = time.monotonic()
+        returncode = process.wait(timeout=300)  # not a hang
+        print(f"the run stopped {time.monotonic() - started:.1f} s after bob's server was killed")
+    finally:
+        if process.poll() is None:
+            kill(process)
+        else:
+            kill_leftovers()
+    assert returncode != 0
+    assert re.search(r"agent 'bob': its actor vllm_server_1_0 died", log.read_text(errors="replace")), f"see {log}"
+    assert stage_lines(metrics_file) == [1]  # every stage once; stage 2 never finished
+    latest = (ckpt / "teamtr_latest.txt").read_text()
+    assert latest in ("global_step_1", "stage_2_update_1")  # alice's stage-2 update may have been saved
+    assert json.loads((ckpt / latest / "teamtr_state.json").read_text())["stages_done"] == 1
+    # the pointer names a complete folder (a scratch folder a kill left behind never counts): its state, its loader
+    # and every agent folder its state refers to
+    state = json.loads((ckpt / latest / "teamtr_state.json").read_text())
+    assert (ckpt / latest / "data.pt").is_file()
+    agent_dirs = state["cursor"]["agent_dirs"] if state["cursor"] else {a: f"{latest}/{a}" for a in ("alice", "bob")}
+    assert all((ckpt / folder).is_dir() for folder in agent_dirs.values()), agent_dirs

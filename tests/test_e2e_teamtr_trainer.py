@@ -85,6 +85,13 @@ def test_teamtr_stages_respect_each_agents_trust_region(two_stages, team):
             metrics[f"teamtr/{a}/committed"] for a in ("alice", "bob"))
         # every update is measured on its own stage's episodes: one paired gain per update (closing regeneration)
         assert metrics["teamtr/stage/gain_measurements"] == 2
+        # prefix reuse (on by default): 3 regenerations of 4 prompts x 2 samples x 2 turns; after each update the
+        # next one keeps every turn before the updated agent's first: alice's turn after bob's update (8), nothing
+        # after alice's, everything (16) after a given-up update
+        first, second = sorted(("alice", "bob"), key=lambda a: metrics[f"teamtr/{a}/position"])
+        reused = sum(16 if metrics[f"teamtr/{a}/committed"] == 0.0 else 8 if a == "bob" else 0 for a in (first, second))
+        assert metrics["teamtr/stage/turns_reused"] == reused
+        assert metrics["teamtr/stage/turns_generated"] == 3 * 16 - reused
     # An agent with a committed update moved away from its initial model; an agent whose every update was given up
     # is still bit-identical to it (a give-up restores π_cur exactly). At least one agent must have committed.
     alice, bob, _ = team

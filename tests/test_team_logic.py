@@ -392,3 +392,24 @@ def test_heldout_prompts_are_deterministic_per_stage_and_vary_across_stages():
     assert len({heldout_prompts(32, 0.25, stage=s, seed=3) for s in range(10)}) > 1
     assert len({heldout_prompts(32, 0.25, stage=7, seed=s) for s in range(10)}) > 1
     assert heldout_prompts(32, 0.0, stage=7, seed=3) == frozenset()
+
+
+@pytest.mark.parametrize("schedule, changed, keep", [
+    (["alice", "bob", "carol"], {"carol"}, 2),  # chain, the last speaker updated: two turns stand
+    (["alice", "bob", "carol"], {"alice"}, 0),
+    (["alice", "bob", "carol"], set(), 3),  # nobody changed (a given-up update): the whole episode stands
+    (["alice", "bob", "alice", "bob"], {"bob"}, 1),  # round robin: bob's first turn is turn 1
+    (["bob", "alice", "alice"], {"alice", "carol"}, 1),  # several changed (resample_every): the earliest counts
+])
+def test_reusable_turns(schedule, changed, keep):
+    from teamtr_verl.team_logic import reusable_turns
+
+    assert reusable_turns(schedule, changed) == keep
+
+
+def test_prefix_reuse_is_exact_for_every_router_but_random():
+    from teamtr_verl.config import RouterSpec
+    from teamtr_verl.team_logic import prefix_reuse_is_exact
+
+    assert [prefix_reuse_is_exact(RouterSpec(kind=k)) for k in ("chain", "round_robin", "sequence", "random")] == [
+        True, True, True, False]

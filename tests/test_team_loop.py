@@ -51,17 +51,21 @@ class ScriptedServer:
         return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), extra_fields={"global_steps": 3})
 
 
-def run_episode(config, servers, session_id=0, **row):
+def make_loop(config, servers):
     from transformers import AutoTokenizer
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
     client = TeamLLMClient(config, servers, default_agent="alice")
-    loop = TeamHandoffAgentLoop(
+    return TeamHandoffAgentLoop(
         trainer_config=DictConfigWrap(config), server_manager=client,
         tokenizer=AutoTokenizer.from_pretrained(config.actor_rollout_ref.model.path), processor=None,
         dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data),
     )
+
+
+def run_episode(config, servers, session_id=0, loop=None, **row):
+    loop = loop or make_loop(config, servers)
     return asyncio.run(loop.run({"temperature": 1.0}, uid="u1", session_id=session_id, **row))
 
 
@@ -225,3 +229,123 @@ def test_each_turn_is_sampled_with_the_episodes_common_random_numbers(two_agents
     assert len(set(servers["alice"].seeds + servers["bob"].seeds)) == 4  # per session and turn, never shared
     run_episode(config, servers, **ROW)
     assert servers["alice"].seeds[-1] is None and servers["bob"].seeds[-1] is None
+
+
+# -- prefix reuse: an episode continued from the previous regeneration's first turns --------------------------------
+class SampledServer:
+    """A stochastic agent: replies ``choices[k]`` with probability ``probs(prompt text)[k]``, from the request's seed
+    when one is given (vLLM's seeded sampling), else from its own RNG. Log-prob of the reply, one token."""
+
+    def __init__(self, model_dir, choices, probs, rng_seed=0):
+        import random
+
+        self.tokenizer, self.choices, self.probs = agent_tokenizer(str(model_dir)), choices, probs
+        self.rng, self.calls = random.Random(rng_seed), 0
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+        import random
+
+        self.calls += 1
+        probs = self.probs(self.tokenizer.decode(prompt_ids))
+        rng = self.rng if sampling_params.get("seed") is None else random.Random(sampling_params["seed"])
+        k = rng.choices(range(len(self.choices)), weights=probs)[0]
+        ids = self.tokenizer.encode(self.choices[k], add_special_tokens=False)
+        return TokenOutput(token_ids=ids, log_probs=[math.log(probs[k])] * len(ids), extra_fields={"global_steps": 5})
+
+
+def chisquare_pvalue_3dof(observed, expected) -> float:
+    """Pearson's chi-square test on 4 cells (3 degrees of freedom): P(chi2_3 >= x) = erfc(sqrt(x/2)) +
+    sqrt(2x/pi) exp(-x/2) (the closed form for 3 degrees of freedom)."""
+    x = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+    return math.erfc(math.sqrt(x / 2)) + math.sqrt(2 * x / math.pi) * math.exp(-x / 2)
+
+
+def test_the_chi_square_closed_form():
+    # the 95th and 99.9th percentiles of chi2 with 3 degrees of freedom (tables): 7.815 and 16.266
+    assert chisquare_pvalue_3dof([7.815 ** 0.5 * 10 + 100, 100, 100, 100], [100] * 4) == pytest.approx(0.05, abs=1e-4)
+    assert chisquare_pvalue_3dof([16.266 ** 0.5 * 10 + 100, 100, 100, 100], [100] * 4) == pytest.approx(0.001, abs=1e-5)
+
+
+def prefix_of(outputs, keep):
+    """What the trainer passes for one session: the first ``keep`` turns of an earlier episode, in turn order."""
+    by_turn = sorted(outputs, key=lambda o: o.extra_fields[TURN_FIELD])
+    return [[o.prompt_ids, o.response_ids, o.response_logprobs, {"global_steps": o.extra_fields["global_steps"]}]
+            for o in by_turn[:keep]]
+
+
+ALICE_SAYS = (0.3, 0.7)  # alice: "msg 0" / "msg 1"
+
+
+def bob_old(prompt):
+    return (0.5, 0.5)
+
+
+def bob_new(prompt):  # bob after his update: copies alice's digit with probability 0.9
+    return (0.9, 0.1) if "alice: msg 0" in prompt else (0.1, 0.9)
+
+
+def test_a_reused_prefix_is_kept_verbatim_and_only_later_turns_are_sampled(two_agents):
+    import json
+
+    from teamtr_verl.defaults import PREFIX_FIELD, REUSED_FIELD
+
+    alice, bob = two_agents
+    config = team_config(alice, bob)
+    old = {"alice": SampledServer(alice, ["msg 0", "msg 1"], lambda p: ALICE_SAYS),
+           "bob": SampledServer(bob, ["#### 0", "#### 1"], bob_old)}
+    before = run_episode(config, old, session_id=2, teamtr_seed=99, **ROW)
+    new = {"alice": SampledServer(alice, ["msg 0", "msg 1"], lambda p: ALICE_SAYS),
+           "bob": SampledServer(bob, ["#### 0", "#### 1"], bob_new)}
+    prefix = json.dumps({"2": prefix_of(before, 1), "5": []})
+    after = run_episode(config, new, session_id=2, teamtr_seed=99, **ROW, **{PREFIX_FIELD: prefix})
+    assert (new["alice"].calls, new["bob"].calls) == (0, 1)  # alice's turn was not generated again
+    assert after[0].prompt_ids == before[0].prompt_ids and after[0].response_ids == before[0].response_ids
+    assert after[0].response_logprobs == before[0].response_logprobs
+    assert [o.extra_fields[REUSED_FIELD] for o in after] == [True, False]
+    assert after[0].extra_fields["global_steps"] == 5 and after[0].extra_fields[AGENT_FIELD] == "alice"
+    # with the same seeds a full regeneration of the new team is the very same episode (alice unchanged)
+    full = run_episode(config, new, session_id=2, teamtr_seed=99, **ROW)
+    assert [(o.prompt_ids, o.response_ids, o.response_logprobs) for o in full] == [
+        (o.prompt_ids, o.response_ids, o.response_logprobs) for o in after]
+    assert after[-1].extra_fields[TRANSCRIPT_FIELD] == full[-1].extra_fields[TRANSCRIPT_FIELD]
+
+
+def test_reused_prefix_rollouts_have_the_distribution_of_a_full_regeneration(two_agents):
+    """Unseeded sampling, 400 episodes each: (alice's digit, bob's digit) under reuse -- alice's turn from a rollout
+    of the *old* team, bob's from the new one -- against the exact distribution of the new team, by a chi-square
+    test; a full regeneration passes the same test, and reusing bob's old turn too (a wrong prefix) fails it."""
+    import json
+
+    from teamtr_verl.defaults import PREFIX_FIELD
+
+    alice, bob = two_agents
+    config = team_config(alice, bob)
+
+    def servers(bob_probs, seed):
+        return {"alice": SampledServer(alice, ["msg 0", "msg 1"], lambda p: ALICE_SAYS, rng_seed=seed),
+                "bob": SampledServer(bob, ["#### 0", "#### 1"], bob_probs, rng_seed=seed + 1)}
+
+    def digits(outputs):
+        return tuple(int(m["content"][-1]) for m in outputs[-1].extra_fields[TRANSCRIPT_FIELD])
+
+    n = 400
+    exact = {(a, b): ALICE_SAYS[a] * bob_new(f"alice: msg {a}")[b] for a in (0, 1) for b in (0, 1)}
+    old_loop, new_loop, full_loop = (make_loop(config, servers(bob_old, 10)), make_loop(config, servers(bob_new, 20)),
+                                     make_loop(config, servers(bob_new, 30)))
+    previous = [run_episode(config, None, loop=old_loop, **ROW) for _ in range(n)]
+
+    def counts(episodes):
+        observed = {pair: 0 for pair in exact}
+        for outputs in episodes:
+            observed[digits(outputs)] += 1
+        return [observed[pair] for pair in exact]
+
+    expected = [n * p for p in exact.values()]
+    reused = [run_episode(config, None, loop=new_loop, **ROW, **{PREFIX_FIELD: json.dumps({"0": prefix_of(e, 1)})})
+              for e in previous]
+    full = [run_episode(config, None, loop=full_loop, **ROW) for _ in range(n)]
+    assert chisquare_pvalue_3dof(counts(reused), expected) > 1e-3
+    assert chisquare_pvalue_3dof(counts(full), expected) > 1e-3
+    wrong = [run_episode(config, None, loop=new_loop, **ROW, **{PREFIX_FIELD: json.dumps({"0": prefix_of(e, 2)})})
+             for e in previous]  # bob's old turn kept as well: the old team's distribution, far from the new one
+    assert chisquare_pvalue_3dof(counts(wrong), expected) < 1e-6

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import os
 import statistics
@@ -45,6 +46,7 @@ from verl.workers.utils.losses import ppo_loss
 import teamtr_verl.trainer as trainer_module
 from teamtr_verl import algos
 from teamtr_verl.config import AgentSpec, TeamConfig
+from teamtr_verl.defaults import PREFIX_FIELD
 from teamtr_verl.fixtures import build_tiny_model
 from teamtr_verl.fixtures.model import build_tokenizer
 from teamtr_verl.rollout import CONFIG_DIR, compose
@@ -226,7 +228,9 @@ class FakeRollouts:
     def submit(self, batch):
         self.log.append(("regenerate",))
         seeds = list(batch[SEED_FIELD]) if SEED_FIELD in batch.keys() else None
-        self.submitted.append({"uid": list(batch["uid"]), "seed": seeds, "stage": self.trainer.global_steps})
+        prefix = [json.loads(p) if p else {} for p in batch[PREFIX_FIELD]] if PREFIX_FIELD in batch.keys() else None
+        self.submitted.append({"uid": list(batch["uid"]), "seed": seeds, "stage": self.trainer.global_steps,
+                               "prefix": prefix})
         return len(batch)
 
     def sample(self, global_steps, partition_id, batch_size):
@@ -341,7 +345,17 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
     trainer._update_actor = update_actor
     trainer._fresh_log_probs = fresh_log_probs
     monkeypatch.setattr(trainer_module, "write_advantages", write_advantages)
+    monkeypatch.setattr(trainer_module, "read_turn_records", read_turn_records)
     return trainer
+
+
+def read_turn_records(meta, with_log_probs):
+    """The stub rollout's rows as turn records: key ``{uid}_{session}_{turn}``; the ids name the row."""
+    records = {}
+    for key in meta.keys:
+        turn = int(key.rsplit("_", 1)[1])
+        records[key] = (turn, [7, turn], [100 + turn], [-0.5] if with_log_probs else None, {"global_steps": 1})
+    return records
 
 
 def agent_events(log, name):
@@ -1175,3 +1189,58 @@ def test_split_prompts_give_each_update_its_own_part_with_the_stages_seeds(make_
     alice, bob = trainer.state.ledger
     assert alice["crn_gain"] is None and bob["crn_gain"] == pytest.approx(RETURN_STEP)
     assert metrics["teamtr/stage/gain_measurements"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ prefix reuse
+def reused_turns(regeneration) -> set[int]:
+    """How many leading turns each episode of a regeneration got from the previous one (one value, or empty)."""
+    if regeneration["prefix"] is None:
+        return set()
+    return {len(turns) for sessions in regeneration["prefix"] for turns in sessions.values()}
+
+
+@pytest.mark.parametrize("order, teamtr, kl, expected", [
+    # chain alice -> bob -> carol. Reversed order: before bob's update only carol changed, so every episode keeps
+    # alice's and bob's turns (2); before alice's, bob changed (1); the closing regeneration follows alice (0)
+    ("reversed", {}, {}, [set(), {2}, {1}, set()]),
+    # fixed order: the agent updated last speaks later each time: 0, 1, then 2 turns kept
+    ("fixed", {}, {}, [set(), set(), {1}, {2}]),
+    # bob's update is given up (his every try exceeds δ): nothing changed before carol's regeneration: all 3 turns
+    ("fixed", {}, {"bob": [0.5] * 7}, [set(), set(), {3}, {2}]),
+    ("reversed", {"reuse_prefix": False}, {}, [set(), set(), set(), set()]),
+    ("reversed", {"router": {"kind": "random", "turns": 3}}, {}, [set(), set(), set(), set()]),  # not exact
+])
+def test_each_regeneration_reuses_the_turns_before_the_first_changed_speaker(make_trainer, base_configs, order, teamtr,
+                                                                            kl, expected):
+    trainer = make_trainer(team_config(base_configs, 3, order=order, **teamtr), [], Script(kl=kl))
+    trainer.step({}, {})
+    submitted = trainer.rollouts.submitted
+    assert [reused_turns(r) for r in submitted] == expected
+    for regeneration in submitted[1:]:
+        if regeneration["prefix"] is None:
+            continue
+        # every prompt and session of the previous rollout, turns in order, exactly the earlier rows' ids
+        assert len(regeneration["prefix"]) == PROMPTS
+        for sessions in regeneration["prefix"]:
+            assert sorted(sessions) == [str(s) for s in range(SESSIONS)]
+            for turns in sessions.values():
+                assert [t[1] for t in turns] == [[100 + turn] for turn in range(len(turns))]
+                assert all(t[2] == [-0.5] and t[3] == {"global_steps": 1} for t in turns)
+
+
+def test_a_dropped_trajectory_is_regenerated_whole(make_trainer, base_configs):
+    # regeneration 1 (before carol, reversed order) lost prompt 2's session 1: regeneration 2 regenerates that episode
+    trainer = make_trainer(team_config(base_configs, 3, order="reversed"), [], Script(drop={1: {(2, 1)}}))
+    trainer.step({}, {})
+    prefix = trainer.rollouts.submitted[1]["prefix"]
+    assert [sorted(sessions) for sessions in prefix] == [["0", "1"], ["0", "1"], ["0"], ["0", "1"]]
+
+
+def test_split_prompts_reuse_only_in_the_closing_regeneration(make_trainer, base_configs):
+    # each update regenerates another part: nothing to reuse; the closing one repeats the last part after carol
+    trainer = make_trainer(team_config(base_configs, 3, order="reversed", prompts_per_update="split"), [])
+    trainer.step({}, {})
+    assert [reused_turns(r) for r in trainer.rollouts.submitted] == [set(), set(), set(), set()]
+    trainer = make_trainer(team_config(base_configs, 3, prompts_per_update="split"), [])
+    trainer.step({}, {})
+    assert [reused_turns(r) for r in trainer.rollouts.submitted] == [set(), set(), set(), {2}]

@@ -1,0 +1,58 @@
+"""The agent watch's decision (teamtr_verl.watchdog) on hand-made rows of Ray's actor table."""
+
+from teamtr_verl.watchdog import AgentWatch, agent_actor_names, dead_actors, describe
+
+JOB, OTHER = "02000000", "01000000"
+
+
+def row(name, state="ALIVE", job=JOB, pid=1, cause=""):
+    return {"Name": name, "State": state, "JobID": job, "Pid": pid, "DeathCause": cause}
+
+
+TABLE = [
+    row("teamtr_alice_WorkerDict_0:0", pid=11), row("vllm_server_0_0", pid=12),
+    row("teamtr_bob_WorkerDict_1:0", pid=21), row("vllm_server_1_0", pid=22),
+    row("TaskRunnerV1", pid=5), row("", pid=6),  # not an agent's; unnamed
+    row("vllm_server_1_0", state="DEAD", job=OTHER),  # a finished earlier job on the same cluster (two-node test)
+]
+SERVERS = {"alice": ["vllm_server_0_0"], "bob": ["vllm_server_1_0"]}
+
+
+def test_each_agents_actors_are_its_worker_group_and_its_servers():
+    assert agent_actor_names(TABLE, JOB, ["alice", "bob"], SERVERS) == {
+        "alice": ["teamtr_alice_WorkerDict_0:0", "vllm_server_0_0"],
+        "bob": ["teamtr_bob_WorkerDict_1:0", "vllm_server_1_0"]}
+    # agent names that prefix each other: each worker group goes to its own agent
+    table = [row("teamtr_a_WorkerDict_0:0"), row("teamtr_a_b_WorkerDict_1:0")]
+    assert agent_actor_names(table, JOB, ["a", "a_b"], {}) == {"a": ["teamtr_a_WorkerDict_0:0"],
+                                                                "a_b": ["teamtr_a_b_WorkerDict_1:0"]}
+
+
+def test_nothing_is_dead_on_a_healthy_table_even_with_an_earlier_jobs_dead_actor():
+    actors_of = agent_actor_names(TABLE, JOB, ["alice", "bob"], SERVERS)
+    assert dead_actors(TABLE, JOB, actors_of) == []
+
+
+def test_a_killed_server_is_reported_with_its_agent_and_cause():
+    actors_of = agent_actor_names(TABLE, JOB, ["alice", "bob"], SERVERS)
+    killed = [r if r["Name"] != "vllm_server_0_0" else row("vllm_server_0_0", "DEAD", cause="SIGKILL\nworker died")
+              for r in TABLE]
+    dead = dead_actors(killed, JOB, actors_of)
+    assert dead == [("alice", "vllm_server_0_0", "SIGKILL worker died")]
+    assert describe(dead) == "agent 'alice': its actor vllm_server_0_0 died (SIGKILL worker died)"
+    # restarting is not dead; gone from the table is
+    restarting = [r if r["Name"] != "teamtr_bob_WorkerDict_1:0" else row(r["Name"], "RESTARTING") for r in TABLE]
+    assert dead_actors(restarting, JOB, actors_of) == []
+    gone = [r for r in TABLE if r["Name"] != "teamtr_bob_WorkerDict_1:0"]
+    assert dead_actors(gone, JOB, actors_of) == [("bob", "teamtr_bob_WorkerDict_1:0", "no longer in Ray's actor table")]
+
+
+def test_the_watch_thread_reports_a_death_once(monkeypatch):
+    tables = [TABLE, [r for r in TABLE if r["Name"] != "vllm_server_1_0"]]
+    watch = AgentWatch(agent_actor_names(TABLE, JOB, ["alice", "bob"], SERVERS), JOB)
+    monkeypatch.setattr(AgentWatch, "_table", staticmethod(lambda: tables.pop(0) if len(tables) > 1 else tables[0]))
+    reports = []
+    watch.start(poll_s=0.01, on_death=reports.append)
+    watch._thread.join(timeout=5)
+    assert reports == ["teamtr: stopping the run: agent 'bob': its actor vllm_server_1_0 died "
+                       "(no longer in Ray's actor table)"]
