@@ -1,6 +1,10 @@
-"""Time of a TeamTR stage split by phase, against the sum of its parts; peak memory; teamtr vs stale vs one GRPO step.
+"""Time of a TeamTR stage split by phase, against the sum of its parts; peak memory; what each schedule generates.
 
     python benchmarks/bench_stage.py [--agents 2 3] [--stages 4] [--schedules teamtr stale] [--grpo] [--out DIR]
+        [--closing | --no-closing]
+
+Schedules (``--schedules``): ``stale``; ``teamtr`` (prefix reuse off); ``reuse`` / ``reuse_reversed`` (teamtr with
+``teamtr.reuse_prefix=true``, update order fixed / reversed); ``matched`` (``teamtr.prompts_per_update=split``).
 
 Runs the stock entry point (``python -m verl.trainer.main_ppo``) one run at a time, each under
 benchmarks/peak_memory.py: config ``teamtr_tiny_cpu`` on N tiny agents (alice: hidden 128; bob: hidden 64, own
@@ -23,6 +27,11 @@ from pathlib import Path
 from verl_runs import header_lines, run_main_ppo, team_override
 
 PHASES = ("gen_s", "update_s", "sync_s")
+VARIANTS = {"stale": ["teamtr.schedule=stale"],
+            "teamtr": ["teamtr.schedule=teamtr", "teamtr.reuse_prefix=false"],
+            "reuse": ["teamtr.schedule=teamtr", "teamtr.reuse_prefix=true", "teamtr.order=fixed"],
+            "reuse_reversed": ["teamtr.schedule=teamtr", "teamtr.reuse_prefix=true", "teamtr.order=reversed"],
+            "matched": ["teamtr.schedule=teamtr", "teamtr.prompts_per_update=split"]}
 AGENTS = {"alice": dict(seed=0), "bob": dict(seed=1, hidden_size=64, num_heads=1), "carol": dict(seed=2)}
 
 
@@ -55,7 +64,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, nargs="+", default=[2], choices=[2, 3])
     parser.add_argument("--stages", type=int, default=4)
-    parser.add_argument("--schedules", nargs="+", default=["teamtr", "stale"])
+    parser.add_argument("--schedules", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--closing", action=argparse.BooleanOptionalAction, default=True,
+                        help="the certificate's closing regeneration (adds one rollout to every schedule)")
     parser.add_argument("--grpo", action="store_true", help="also time stock GRPO steps of one agent, same prompts")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
@@ -74,16 +85,22 @@ def main() -> int:
     lines += ["- config teamtr_tiny_cpu: 6 prompts x n=2 per regeneration, chain of N turns, <= 16 tokens per message, "
               "one logical device per agent, one mini-batch per update; GRPO: grpo_tiny_cpu on the same 6 prompts x n=2; "
               "seconds", ""]
-    medians = {}
+    medians, generated = {}, {}
     for n_agents in args.agents:
         names = list(AGENTS)[:n_agents]
         for schedule in args.schedules:
             rows, memory = run_main_ppo("teamtr_tiny_cpu", common + [
                 team_override({name: models[name] for name in names}), f"trainer.n_gpus_per_node={n_agents}",
-                f"teamtr.schedule={schedule}", f"trainer.default_local_dir={workdir / f'n{n_agents}_{schedule}'}",
+                *VARIANTS[schedule], f"teamtr.certificate.closing_regeneration={str(args.closing).lower()}",
+                f"trainer.default_local_dir={workdir / f'n{n_agents}_{schedule}'}",
             ], workdir / f"n{n_agents}_{schedule}.jsonl")
             lines += phase_table(f"N = {n_agents}, schedule `{schedule}`", names, rows, memory)
             medians[f"N = {n_agents}, `{schedule}` stage"] = steady_median(rows)
+            generated[(n_agents, schedule)] = (
+                statistics.median(d["teamtr/stage/turns_generated"] for d in rows.values()),
+                statistics.median(d["teamtr/stage/turns_reused"] for d in rows.values()),
+                statistics.median(d["teamtr/stage/tokens_generated"] for d in rows.values()),
+                steady_median(rows), memory.split("peak_tree_uss_gib=")[-1].split()[0])
     if args.grpo:
         rows, memory = run_main_ppo("grpo_tiny_cpu", common + [
             f"actor_rollout_ref.model.path={models['alice']}", f"trainer.default_local_dir={workdir / 'grpo'}",
@@ -98,6 +115,16 @@ def main() -> int:
     for name, value in medians.items():
         lines.append(f"| {name} | {value:.2f} | {value / stale2 if stale2 else float('nan'):.2f} | "
                      f"{value / reference if reference else float('nan'):.2f} |")
+    lines += ["", "### What a stage generates (medians over stages; turn = one agent message of one episode)", "",
+              f"closing regeneration {'on' if args.closing else 'off'} in every run", "",
+              "| N | schedule | turns generated | turns reused | tokens generated | turns vs stale | stage (s) | "
+              "stage vs stale | peak USS (GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (n_agents, schedule), (turns, reused, tokens, stage, memory) in generated.items():
+        stale = generated.get((n_agents, "stale"))
+        vs = (lambda a, b: f"{a / b:.2f}") if stale else (lambda a, b: "")
+        lines.append(f"| {n_agents} | {schedule} | {turns:.0f} | {reused:.0f} | {tokens:.0f} | "
+                     f"{vs(turns, stale[0]) if stale else ''} | {stage:.2f} | {vs(stage, stale[3]) if stale else ''} | "
+                     f"{memory} |")
     print("\n".join(lines))
     return 0
 

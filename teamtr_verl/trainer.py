@@ -2,14 +2,16 @@
 
 One verl training step is one TeamTR *stage*::
 
-    order σ of the agents (fixed | reversed | random, seeded)
+    order σ of the agents (fixed | reversed | random, seeded); the stage's prompts (all, or N parts: split)
     for i, k in enumerate(σ):
-        if the schedule says so: regenerate the team's rollouts of the stage's prompts through the agents' servers
+        if the schedule says so: regenerate the team's rollouts of the prompts (part i) through the agents' servers,
+            keeping each episode's turns before the first turn of an agent changed since (prefix reuse)
         agent k's old log-probs on its own messages; Eq. 9 advantages of the team trajectories
-        update agent k only, with the teamtr loss at its β_k; measure KL(π_cur ‖ π_new) on these rollouts
-        enforce δ_k: accept, or restore the pre-update weights and retry with a larger β_k, or give up
-        push agent k's weights into agent k's replicas only
-    log per-agent diagnostics, the stage certificate and (one stage late) the measured gain
+        update agent k only, with the teamtr loss at its β_k; a line search commits a fraction of the step whose
+            KL(π_cur ‖ π_new) ≤ δ_k, or restores the pre-update weights and optimizer state (give up)
+        measure the committed update on held-out prompt groups (the certificate's bound)
+        push agent k's weights into agent k's replicas only; save_every_update: checkpoint with the stage cursor
+    closing regeneration (the last update's paired gain); log per-agent diagnostics and the stage certificate
 
 The trainer only orchestrates: the math is in :mod:`teamtr_verl.algos`, the team topology in
 :mod:`teamtr_verl.topology`, TransferQueue reads/writes in :mod:`teamtr_verl.rollout_batch`, and everything that

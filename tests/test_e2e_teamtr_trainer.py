@@ -149,21 +149,22 @@ def test_stale_schedule_runs_a_three_agent_round_robin_from_the_same_entry_point
     alice, bob, data = team
     carol = build_tiny_model(tmp_path / "carol", seed=2)
     # alice speaks twice (turns 1 and 4): her rows are twice bob's and carol's. With 16-row log-prob micro-batches
-    # bob's 6 rows padded to verl's mini-batch multiple (8) crashed in verl's micro-batch split before the trainer
+    # bob's 8 rows (4 trained prompts x 2) padded to verl's mini-batch multiple (8) crashed in verl's micro-batch split before the trainer
     # padded each agent's rows to whole micro-batches too.
     result, rows = run_main_ppo("teamtr_tiny_cpu", [
         team_override({"alice": alice, "bob": bob, "carol": carol}), "trainer.n_gpus_per_node=3",
         f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
         "teamtr.router={kind: round_robin, turns: 4}", "teamtr.schedule=stale", "trainer.total_training_steps=1",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
+        "data.train_batch_size=6",  # verl: prompts x n must divide over the 3 devices
     ], tmp_path)
     assert result.returncode == 0, f"see {tmp_path}/stderr.log\n{result.stderr[-4000:]}"
     metrics = rows[1]
     # One regeneration for the whole stage: only the first agent of the order waited for generation.
     assert metrics["teamtr/alice/gen_s"] > 0 and metrics["teamtr/bob/gen_s"] == metrics["teamtr/carol/gen_s"] == 0.0
-    # one of 4 prompts held out: 3 prompts x n=2 episodes, alice's two turns each
+    # two of 6 prompts held out: 4 prompts x n=2 episodes, alice's two turns each
     assert (metrics["teamtr/alice/messages"], metrics["teamtr/bob/messages"], metrics["teamtr/carol/messages"]) == (
-        12, 6, 6)
+        16, 8, 8)
     # the closing regeneration measures the stage's updates together, on the same episodes (one paired gain)
     assert metrics["teamtr/stage/closing_gen_s"] > 0 and metrics["teamtr/stage/gain_measurements"] == 1
     assert metrics["teamtr/alice/crn_gain"] == metrics["teamtr/bob/crn_gain"] == metrics["teamtr/carol/crn_gain"]
