@@ -194,6 +194,10 @@ class _TeamAgentLoopWorker(AgentLoopWorkerTQ.__ray_metadata__.modified_class):
     is not finite drops the trajectory through verl's failure path instead of being scored 0.
     """
 
+    async def _agent_loop_postprocess(self, output, validate, **kwargs) -> None:
+        kwargs.pop(PREFIX_FIELD, None)  # verl stores every row argument in every output row: the prefix is input only
+        return await super()._agent_loop_postprocess(output, validate, **kwargs)
+
     async def _compute_score(self, outputs: list[AgentLoopOutput], kwargs: dict) -> None:
         answer = outputs[-1]
         if AGENT_FIELD not in answer.extra_fields or self.reward_loop_worker_handles is None:

@@ -669,7 +669,10 @@ class TeamTRTrainer(PPOTrainer):
         if state.cursor:
             state.forget_unmeasured(state.cursor["stage"])
         self.state = state
-        self._saved_at = dict(agent_dirs)
+        same_root = os.path.abspath(root) == os.path.abspath(self.config.trainer.default_local_dir)
+        # references are relative to the save root and must survive: else the next checkpoint saves every agent
+        keep = same_root and not self.config.trainer.del_local_ckpt_after_load
+        self._saved_at = dict(agent_dirs) if keep else {}
         self.global_steps = checkpoints.stages_done(folder)
         logger.info("teamtr: resumed from %s after stage %d%s", folder, self.global_steps,
                     f" and {state.cursor['done']} update(s) of stage {state.cursor['stage']}" if state.cursor else "")
