@@ -58,10 +58,12 @@ def writing(root: str | Path, name: str) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     yield tmp
-    final = root / name
-    if final.exists():  # re-running a stage after resuming from an earlier folder: the new result replaces it
-        shutil.rmtree(final)
+    final, old = root / name, root / f"{TMP_PREFIX}old_{name}"
+    if final.exists():  # re-running a stage after resuming from an earlier folder: moved aside, never half-deleted
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def commit(root: str | Path, name: str, stage_end: Optional[int] = None) -> None:

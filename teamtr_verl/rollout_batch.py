@@ -49,6 +49,7 @@ class TeamRollout:
     group_std_mean: float
     expected_trajectories: int
     prompt_of: dict[str, int]
+    turn: Optional[list[int]] = None  # per row: its turn in the episode (the key's index is the output's position)
     reused: Optional[list[bool]] = None  # per row: taken from the previous regeneration (prefix reuse)
     response_len: Optional[np.ndarray] = None  # per row: response tokens
 
@@ -113,24 +114,26 @@ def read_team_rollout(meta: KVBatchMeta, expected_trajectories: int, a_clip: flo
         group_std_mean=float(np.mean(list(group_std.values()))),
         expected_trajectories=expected_trajectories,
         prompt_of=prompt_of,
+        turn=[int(fields[TURN_FIELD]) for fields in extra],
         reused=[bool(fields.get(REUSED_FIELD, False)) for fields in extra],
         response_len=padded["response_mask"].sum(dim=1).numpy(),
     )
 
 
-def read_turn_records(meta: KVBatchMeta, with_log_probs: bool) -> dict[str, tuple[int, list, list, Any, dict]]:
-    """Per row of a rollout: (turn, prompt ids, response ids, rollout log-probs or None, the server's own
+def read_turn_records(meta: KVBatchMeta, keys: list[str], with_log_probs: bool) -> dict[str, tuple[list, list, Any,
+                                                                                                     dict]]:
+    """Per row ``keys`` of a rollout: (prompt ids, response ids, rollout log-probs or None, the server's own
     extra_fields), what a later regeneration needs to reuse the turn exactly (prefix reuse)."""
     fields = ["prompts", "responses", "extra_fields"] + (["rollout_log_probs"] if with_log_probs else [])
-    data = tq.kv_batch_get(keys=meta.keys, partition_id=meta.partition_id, select_fields=fields)
+    data = tq.kv_batch_get(keys=keys, partition_id=meta.partition_id, select_fields=fields)
     extra = data.pop("extra_fields").tolist()  # pop: the NonTensorStack itself (indexing returns its raw storage)
     prompts, responses = data["prompts"].unbind(), data["responses"].unbind()
-    log_probs = data["rollout_log_probs"].unbind() if with_log_probs else [None] * len(meta.keys)
+    log_probs = data["rollout_log_probs"].unbind() if with_log_probs else [None] * len(keys)
     records = {}
-    for i, key in enumerate(meta.keys):
+    for i, key in enumerate(keys):
         server = {k: v for k, v in extra[i].items()  # JSON scalars the server set (not the team's own fields)
                   if not k.startswith("teamtr_") and k != "reward_extra_info" and isinstance(v, (int, float, str))}
-        records[key] = (int(extra[i][TURN_FIELD]), prompts[i].tolist(), responses[i].tolist(),
+        records[key] = (prompts[i].tolist(), responses[i].tolist(),
                         None if log_probs[i] is None else log_probs[i].tolist(), server)
     return records
 

@@ -339,12 +339,13 @@ class TeamTRTrainer(PPOTrainer):
         keep = reusable_turns(schedule, changed)
         if keep == 0:
             return {}
-        records = read_turn_records(previous.meta, self.config.actor_rollout_ref.rollout.calculate_log_probs)
+        rows = [i for i, turn in enumerate(previous.turn) if turn < keep]  # only those rows are read
+        records = read_turn_records(previous.meta, [previous.meta.keys[i] for i in rows],
+                                    self.config.actor_rollout_ref.rollout.calculate_log_probs)
         turns: dict[tuple[int, int], dict[int, list]] = {}
-        for key, (turn, prompt_ids, response_ids, log_probs, server) in records.items():
-            if turn < keep:
-                episode = previous.episode(previous.trajectory[previous.row_of_key[key]])
-                turns.setdefault(episode, {})[turn] = [prompt_ids, response_ids, log_probs, server]
+        for i in rows:
+            episode = previous.episode(previous.trajectory[i])
+            turns.setdefault(episode, {})[previous.turn[i]] = list(records[previous.meta.keys[i]])
         prefix: dict[int, dict[str, list]] = {}
         for (prompt, session), by_turn in turns.items():
             if len(by_turn) == keep:  # a trajectory verl dropped (failed reward) is regenerated whole

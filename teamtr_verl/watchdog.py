@@ -103,6 +103,5 @@ class AgentWatch:
 
 def _stop_process(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-    print(message, flush=True)
     time.sleep(2.0)  # let Ray's log monitor forward the line to the driver's console
     os._exit(1)

@@ -24,6 +24,10 @@ def test_a_folder_exists_only_once_complete(tmp_path):
     checkpoints.commit(tmp_path, "global_step_2", stage_end=2)
     assert checkpoints.latest(tmp_path) == tmp_path / "global_step_2"
     assert (tmp_path / checkpoints.VERL_TRACKER).read_text() == "2"
+    with checkpoints.writing(tmp_path, "global_step_2") as scratch:  # rewritten (a rerun after an earlier resume)
+        (scratch / "carol").mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["global_step_2"]  # nothing set aside is left
+    assert sorted(p.name for p in (tmp_path / "global_step_2").iterdir()) == ["carol"]
 
 
 def test_latest_prefers_the_teamtr_pointer_and_falls_back_to_verls_tracker(tmp_path):

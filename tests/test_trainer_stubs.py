@@ -260,6 +260,7 @@ class FakeRollouts:
             group_size=np.full(len(meta.keys), float(SESSIONS)), returns=returns,
             return_mean=float(np.mean(list(returns.values()))), group_std_mean=0.5,
             expected_trajectories=expected_trajectories, prompt_of=prompt_of,
+            turn=[int(key.rsplit("_", 1)[1]) for key in meta.keys],
         )
         self.rollouts.append(rollout)
         return rollout
@@ -349,12 +350,12 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
     return trainer
 
 
-def read_turn_records(meta, with_log_probs):
+def read_turn_records(meta, keys, with_log_probs):
     """The stub rollout's rows as turn records: key ``{uid}_{session}_{turn}``; the ids name the row."""
     records = {}
-    for key in meta.keys:
+    for key in keys:
         turn = int(key.rsplit("_", 1)[1])
-        records[key] = (turn, [7, turn], [100 + turn], [-0.5] if with_log_probs else None, {"global_steps": 1})
+        records[key] = ([7, turn], [100 + turn], [-0.5] if with_log_probs else None, {"global_steps": 1})
     return records
 
 
