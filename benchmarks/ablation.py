@@ -45,6 +45,9 @@ def run_one(task: str, out: Path, n_agents: int, seed: int, schedule: str, stage
                     out / f"n{n_agents}_s{seed}_{schedule}.jsonl", stages, [
         f"trainer.n_gpus_per_node={n_agents}", *SCHEDULES[schedule], f"data.train_batch_size={prompts}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts // 2}",
+        # fixed micro-batches must divide a mini-batch (checked before Ray): one micro-batch per mini-batch
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={prompts // 2 * 8}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={prompts // 2 * 8}",
         f"trainer.default_local_dir={out / 'ckpt'}", f"trainer.experiment_name=ablation_{task}_n{n_agents}_s{seed}_{schedule}",
     ], f"{task} n={n_agents} seed={seed} {schedule}")
 

@@ -36,6 +36,7 @@ def cases(alice: Path, bob: Path, data: Path) -> list[tuple[str, list[str]]]:
         ("prompts_per_update=split with stale", ["teamtr.schedule=stale", "teamtr.prompts_per_update=split"]),
         ("resume_path that is no checkpoint", ["trainer.resume_mode=resume_path", "trainer.resume_from_path=/tmp/x"]),
         ("rollout.n = 1", ["actor_rollout_ref.rollout.n=1"]),
+        ("micro-batch that does not divide a mini-batch", ["actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16"]),
     ], good
 
 

@@ -117,20 +117,6 @@ def _plain_numbers(metrics: dict) -> dict:
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
-def micro_batch_multiple(config: DictConfig, dp_size: int) -> int:
-    """The row multiple verl's fixed (non-dynamic) micro-batches need on ``dp_size`` ranks: each rank's rows of a
-    log-prob pass (actor, reference) or of a mini-batch must split into whole micro-batches of ``*_per_gpu`` rows."""
-    ref = config.actor_rollout_ref
-    sizes = []
-    if not ref.actor.get("use_dynamic_bsz", False):
-        sizes.append(ref.actor.get("ppo_micro_batch_size_per_gpu"))
-    if not ref.rollout.get("log_prob_use_dynamic_bsz", False):
-        sizes.append(ref.rollout.get("log_prob_micro_batch_size_per_gpu"))
-    if need_reference_policy(config) and not ref.ref.get("log_prob_use_dynamic_bsz", False):
-        sizes.append(ref.ref.get("log_prob_micro_batch_size_per_gpu"))
-    return math.lcm(1, *(dp_size * int(size) for size in sizes if size))
-
-
 @register_trainer(TRAINER_MODE)
 class TeamTRTrainer(PPOTrainer):
     """Sequential per-agent trust-region updates of a team, regenerating rollouts after every agent update."""
@@ -186,11 +172,6 @@ class TeamTRTrainer(PPOTrainer):
 
     def on_sample_end(self):
         return None  # replicas sleep per agent, only around that agent's own update (see _update_agent)
-
-    def _get_required_batch_multiple(self, dp_size: int) -> int:
-        # An agent's row count is prompts x samples x its turns (held-out groups apart): pad it to what verl's fixed
-        # micro-batches need too, so that no router or held-out split constrains the batch settings.
-        return math.lcm(super()._get_required_batch_multiple(dp_size), micro_batch_multiple(self.config, dp_size))
 
     def _get_n_gpus_for_throughput(self) -> int:
         return self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes

@@ -68,9 +68,34 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
         raise TeamConfigError(f"data.train_batch_size={config.data.train_batch_size!r} is smaller than the team "
                               f"({len(team.agents)} agents): teamtr.prompts_per_update=split needs a prompt per update")
     validate_placement(team, config.trainer.n_gpus_per_node * config.trainer.nnodes)
+    validate_micro_batches(config, team)
     for key in DATA_FILE_KEYS:
         _check_data_files(key, config.data.get(key.split(".", 1)[1]))
     return team
+
+
+def validate_micro_batches(config: DictConfig, team: TeamConfig) -> None:
+    """Fixed micro-batches must divide each agent's mini-batch on its devices.
+
+    verl pads an agent's rows (prompts x samples x its turns: any router) to whole mini-batches of
+    ``ppo_mini_batch_size x rollout.n`` rows; a micro-batch that does not divide that would make verl pad further,
+    into mini-batches of padding only (an empty loss and a momentum-only optimizer step), or fail in its split.
+    """
+    from teamtr_verl.topology import agent_devices, agent_trainer_config
+
+    for agent in team.agents:
+        ref = agent_trainer_config(config, agent).actor_rollout_ref
+        rows, devices = ref.actor.ppo_mini_batch_size * ref.rollout.n, agent_devices(config, team, agent)
+        checks = [("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", ref.actor.get("ppo_micro_batch_size_per_gpu"),
+                   ref.actor.get("use_dynamic_bsz", False)),
+                  ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
+                   ref.rollout.get("log_prob_micro_batch_size_per_gpu"), ref.rollout.get("log_prob_use_dynamic_bsz", False))]
+        for key, micro, dynamic in checks:
+            if not dynamic and micro and rows % (devices * micro):
+                raise TeamConfigError(
+                    f"{key}={micro} does not divide the mini-batch of agent {agent.name!r}: "
+                    f"actor_rollout_ref.actor.ppo_mini_batch_size x rollout.n = {rows} rows over {devices} device(s); "
+                    f"choose a micro-batch that divides {rows / devices:g}, or dynamic batch sizes")
 
 
 def _check_data_files(key: str, value) -> None:

@@ -7,7 +7,7 @@ team of two tiny agents (different sizes and tokenizers) on CPU with real Ray, F
   the weights it saves must equal the saved ones bit for bit, and β must be exactly verl's adaptive rule applied once
   to the saved β;
 * the `stale` schedule runs from the same entry point (the paper's central comparison is one flag), here on a
-  three-agent round-robin team where one agent speaks twice and micro-batches do not divide every agent's rows.
+  three-agent round-robin team where one agent speaks twice.
 """
 
 import json
@@ -148,14 +148,12 @@ def test_stale_schedule_runs_a_three_agent_round_robin_from_the_same_entry_point
 
     alice, bob, data = team
     carol = build_tiny_model(tmp_path / "carol", seed=2)
-    # alice speaks twice (turns 1 and 4): her rows are twice bob's and carol's. With 16-row log-prob micro-batches
-    # bob's 8 rows (4 trained prompts x 2) padded to verl's mini-batch multiple (8) crashed in verl's micro-batch split before the trainer
-    # padded each agent's rows to whole micro-batches too.
+    # alice speaks twice (turns 1 and 4): her rows are twice bob's and carol's; verl pads each agent's rows to whole
+    # mini-batches, which the validated micro-batches divide.
     result, rows = run_main_ppo("teamtr_tiny_cpu", [
         team_override({"alice": alice, "bob": bob, "carol": carol}), "trainer.n_gpus_per_node=3",
         f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
         "teamtr.router={kind: round_robin, turns: 4}", "teamtr.schedule=stale", "trainer.total_training_steps=1",
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
         "data.train_batch_size=6",  # verl: prompts x n must divide over the 3 devices
     ], tmp_path)
     assert result.returncode == 0, f"see {tmp_path}/stderr.log\n{result.stderr[-4000:]}"

@@ -1126,36 +1126,50 @@ def verl_micro_batches_accept(rows: int, micro_batch_size_per_gpu: int) -> bool:
 
 
 @pytest.mark.parametrize("config_name, router, turns_of", [
-    # budget-sq as shipped: 16 prompts, 4 held out -> 12 x 8 = 96 trained rows per agent; verl's mini-batch multiple
-    # alone (4 prompts x 8 = 32) leaves 96, which 64-row log-prob micro-batches do not divide (the issue's crash)
+    # budget-sq: 16 prompts, 4 held out -> 12 x 8 = 96 trained rows per agent, 32 held-out
     ("teamtr_budget_cpu", "{kind: chain}", {"alice": 1, "bob": 1}),
     # three agents, round robin over 4 turns: alice speaks twice -> twice bob's and carol's rows
     ("teamtr_relay_cpu", "{kind: round_robin, turns: 4}", {"alice": 2, "bob": 1, "carol": 1}),
 ])
-def test_every_agents_rows_are_padded_to_whole_micro_batches(model_dirs, config_name, router, turns_of):
+def test_every_agents_rows_fill_whole_micro_batches_once_the_config_validates(model_dirs, config_name, router,
+                                                                              turns_of):
+    """verl pads each agent's rows to its mini-batch multiple; the validated configs' micro-batches divide it, so
+    verl's own micro-batch split accepts every agent's trained and held-out rows, for any router."""
+    from teamtr_verl.validation import validate_micro_batches
+
     agents = ", ".join(f"{{name: {n}, model: '{d}'}}" for n, d in zip(turns_of, model_dirs))
     config = compose(str(CONFIG_DIR), config_name, [f"teamtr.agents=[{agents}]", f"teamtr.router={router}",
                                                     f"trainer.n_gpus_per_node={len(turns_of)}"])
+    team = TeamConfig.from_config(config.teamtr)
+    validate_micro_batches(config, team)
     trainer = TeamTRTrainer.__new__(TeamTRTrainer)
     trainer.config, trainer.global_steps, trainer.use_critic = config, 1, False
     dp = 1  # one device per agent in split placement
     rollout = config.actor_rollout_ref.rollout
     prompts = config.data.train_batch_size
-    heldout = len(heldout_prompts(prompts, TeamConfig.from_config(config.teamtr).certificate.heldout_fraction, 1))
-    base, multiple = trainer_module.PPOTrainer._get_required_batch_multiple(trainer, dp), \
-        trainer._get_required_batch_multiple(dp)
-    assert multiple % base == 0  # the mini-batch alignment verl needs is kept
-    fails_without = False
+    heldout = len(heldout_prompts(prompts, team.certificate.heldout_fraction, 1))
+    multiple = trainer._get_required_batch_multiple(dp)  # verl's: lcm(dp, mini-batch rows)
     for name, turns in turns_of.items():
         for groups in (prompts - heldout, heldout):  # the trained rows and the held-out (measured) rows
-            rows = groups * rollout.n * turns
-            padded = math.ceil(rows / multiple) * multiple
+            padded = math.ceil(groups * rollout.n * turns / multiple) * multiple
             for micro in (rollout.log_prob_micro_batch_size_per_gpu,
                           config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu):
-                assert verl_micro_batches_accept(padded // dp, micro), (name, rows, padded, micro)
-                fails_without |= not verl_micro_batches_accept(math.ceil(rows / base) * base // dp, micro)
-    if config_name == "teamtr_budget_cpu":
-        assert fails_without  # the shipped config did crash with verl's multiple alone
+                assert verl_micro_batches_accept(padded // dp, micro), (name, padded, micro)
+
+
+def test_a_micro_batch_that_does_not_divide_the_mini_batch_is_refused_before_ray(model_dirs):
+    from teamtr_verl.config import TeamConfigError
+    from teamtr_verl.validation import validate_micro_batches
+
+    agents = ", ".join(f"{{name: {n}, model: '{d}'}}" for n, d in zip(("alice", "bob"), model_dirs))
+    # the budget config's earlier setting: 64-row micro-batches, mini-batches of 4 prompts x 8 samples = 32 rows.
+    # verl padded 96 trained rows to 128 for the micro-batches: a fourth mini-batch of padding only.
+    config = compose(str(CONFIG_DIR), "teamtr_budget_cpu", [f"teamtr.agents=[{agents}]", "trainer.n_gpus_per_node=2",
+                                                             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64"])
+    with pytest.raises(TeamConfigError, match=r"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64 does "
+                                              r"not divide the mini-batch of agent 'alice': .* = 32 rows over 1 device"):
+        validate_micro_batches(config, TeamConfig.from_config(config.teamtr))
+    assert verl_micro_batches_accept(128, 64) and not verl_micro_batches_accept(96, 64)
 
 
 def test_each_stage_prints_one_console_line(make_trainer, base_configs, capsys):
