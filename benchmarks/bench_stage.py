@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from verl_runs import header_lines, run_main_ppo, team_override
+from verl_runs import cached_main_ppo, header_lines, team_override
 
 PHASES = ("gen_s", "update_s", "sync_s")
 VARIANTS = {"stale": ["teamtr.schedule=stale"],
@@ -89,11 +89,12 @@ def main() -> int:
     for n_agents in args.agents:
         names = list(AGENTS)[:n_agents]
         for schedule in args.schedules:
-            rows, memory = run_main_ppo("teamtr_tiny_cpu", common + [
+            rows, memory = cached_main_ppo("teamtr_tiny_cpu", common + [
                 team_override({name: models[name] for name in names}), f"trainer.n_gpus_per_node={n_agents}",
                 *VARIANTS[schedule], f"teamtr.certificate.closing_regeneration={str(args.closing).lower()}",
                 f"trainer.default_local_dir={workdir / f'n{n_agents}_{schedule}'}",
-            ], workdir / f"n{n_agents}_{schedule}.jsonl")
+            ], workdir / f"n{n_agents}_{schedule}.jsonl", args.stages)
+            print(f"N = {n_agents} {schedule}: {memory}", file=sys.stderr, flush=True)
             lines += phase_table(f"N = {n_agents}, schedule `{schedule}`", names, rows, memory)
             medians[f"N = {n_agents}, `{schedule}` stage"] = steady_median(rows)
             generated[(n_agents, schedule)] = (
@@ -102,9 +103,9 @@ def main() -> int:
                 statistics.median(d["teamtr/stage/tokens_generated"] for d in rows.values()),
                 steady_median(rows), memory.split("peak_tree_uss_gib=")[-1].split()[0])
     if args.grpo:
-        rows, memory = run_main_ppo("grpo_tiny_cpu", common + [
+        rows, memory = cached_main_ppo("grpo_tiny_cpu", common + [
             f"actor_rollout_ref.model.path={models['alice']}", f"trainer.default_local_dir={workdir / 'grpo'}",
-        ], workdir / "grpo.jsonl")
+        ], workdir / "grpo.jsonl", args.stages)
         walls = ", ".join(f"{step_wall(d):.2f}" for d in rows.values())
         lines += [f"### one agent, stock GRPO ({memory})", "", f"Step wall times (s): {walls}", ""]
         medians["one stock verl GRPO step (alice alone)"] = steady_median(rows)

@@ -30,6 +30,17 @@ def run_main_ppo(config_name: str, overrides: list[str], metrics: Path, timeout_
     return rows, memory
 
 
+def cached_main_ppo(config_name: str, overrides: list[str], metrics: Path, steps: int) -> tuple[dict, str]:
+    """:func:`run_main_ppo`, unless ``metrics`` already holds ``steps`` steps and its memory line (``<metrics>.mem``)
+    from an earlier invocation: an interrupted benchmark continues where it stopped."""
+    memory_file = metrics.with_suffix(".mem")
+    if metrics.is_file() and memory_file.is_file() and len(read_metrics(metrics)) >= steps:
+        return read_metrics(metrics), memory_file.read_text().strip()
+    rows, memory = run_main_ppo(config_name, overrides, metrics)
+    memory_file.write_text(memory + "\n")
+    return rows, memory
+
+
 def header_lines(title: str) -> list[str]:
     """The table heading: date, machine and versions."""
     import torch

@@ -155,6 +155,12 @@ class TeamTRTrainer(PPOTrainer):
         self.watch.start()
         self._load_checkpoint()
 
+    def fit(self, agent_loop_manager):
+        # verl creates its agent-loop workers between _setup and fit: watch them too (a dead one hangs a rollout)
+        self.watch.watch_agent_loop()
+        print(self.watch.summary()[-1], flush=True)
+        return super().fit(agent_loop_manager)
+
     def on_init_end(self):
         # As verl's sync trainer: push the (possibly just loaded) weights into every agent's replicas once.
         for stack in self.stacks.values():

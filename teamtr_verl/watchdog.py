@@ -1,4 +1,5 @@
-"""Stop a team run, naming the agent, when one of an agent's Ray actors (FSDP worker, vLLM server) dies.
+"""Stop a team run, naming the agent, when one of an agent's Ray actors (FSDP worker, vLLM server) or one of verl's
+agent-loop workers (shared by the team) dies.
 
 Without it a dead vLLM server can leave the stage loop waiting for rollouts or a weight sync that never come. A daemon
 thread in the trainer's process reads Ray's actor table (one GCS query, the same data as ``ray list actors``) every
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Optional
 
 POLL_S = 2.0
+AGENT_LOOP = "the team's agent loop"  # verl's agent-loop workers run every agent's turns: no one agent owns them
 
 
 def agent_actor_names(table: Iterable[Mapping], job_id: str, agent_names: Iterable[str],
@@ -36,6 +38,13 @@ def agent_actor_names(table: Iterable[Mapping], job_id: str, agent_names: Iterab
     return out
 
 
+def agent_loop_names(table: Iterable[Mapping], job_id: str) -> list[str]:
+    """The names of verl's agent-loop workers (``agent_loop_worker_<i>_<hex>``) in job ``job_id`` that are not dead:
+    created just before ``fit``, some may still be starting."""
+    return sorted(row["Name"] for row in table if row["JobID"] == job_id and row["State"] != "DEAD"
+                  and (row["Name"] or "").startswith("agent_loop_worker_"))
+
+
 def dead_actors(table: Iterable[Mapping], job_id: str, actors_of: Mapping[str, list[str]]) -> list[tuple[str, str, str]]:
     """(agent, actor name, why) for every watched actor with no live entry in job ``job_id``'s part of the table."""
     rows = [row for row in table if row["JobID"] == job_id]
@@ -46,7 +55,11 @@ def dead_actors(table: Iterable[Mapping], job_id: str, actors_of: Mapping[str, l
 
 
 def describe(dead: list[tuple[str, str, str]]) -> str:
-    return "; ".join(f"agent {agent!r}: its actor {name} died ({why})" for agent, name, why in dead)
+    return "; ".join(f"{_owner(agent)}: its actor {name} died ({why})" for agent, name, why in dead)
+
+
+def _owner(agent: str, quote: bool = True) -> str:
+    return agent if agent == AGENT_LOOP else f"agent {agent!r}" if quote else f"agent {agent}"
 
 
 def _death_cause(row: Mapping) -> str:
@@ -77,12 +90,21 @@ class AgentWatch:
         actors_of = agent_actor_names(table, job_id, agent_names, server_names)
         return cls(actors_of, job_id, {name: pids[name] for names in actors_of.values() for name in names})
 
+    def watch_agent_loop(self) -> None:
+        """Watch verl's agent-loop workers too (they exist only once ``fit`` is called): a dead one would leave a
+        rollout waiting."""
+        table = self._table()
+        names = agent_loop_names(table, self.job_id)
+        self.pids.update({row["Name"]: row["Pid"] for row in table if row["Name"] in names})
+        self.actors_of = {**self.actors_of, AGENT_LOOP: names}  # one assignment: the thread reads whole dicts
+
     def dead(self) -> list[tuple[str, str, str]]:
         return dead_actors(self._table(), self.job_id, self.actors_of)
 
     def summary(self) -> list[str]:
         """One line per agent: its actors and their process ids (what an operator, or a drill, kills)."""
-        return [f"teamtr: agent {agent}: " + ", ".join(f"{name} (pid {self.pids.get(name, '?')})" for name in names)
+        return [f"teamtr: {_owner(agent, quote=False)}: "
+                + ", ".join(f"{name} (pid {self.pids.get(name, '?')})" for name in names)
                 for agent, names in self.actors_of.items()]
 
     def start(self, poll_s: float = POLL_S, on_death: Optional[Callable[[str], None]] = None) -> None:

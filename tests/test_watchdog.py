@@ -1,6 +1,6 @@
 """The agent watch's decision (teamtr_verl.watchdog) on hand-made rows of Ray's actor table."""
 
-from teamtr_verl.watchdog import AgentWatch, agent_actor_names, dead_actors, describe
+from teamtr_verl.watchdog import AGENT_LOOP, AgentWatch, agent_actor_names, agent_loop_names, dead_actors, describe
 
 JOB, OTHER = "02000000", "01000000"
 
@@ -56,3 +56,21 @@ def test_the_watch_thread_reports_a_death_once(monkeypatch):
     watch._thread.join(timeout=5)
     assert reports == ["teamtr: stopping the run: agent 'bob': its actor vllm_server_1_0 died "
                        "(no longer in Ray's actor table)"]
+
+
+def test_the_agent_loop_workers_are_watched_once_fit_starts_and_named_as_the_teams(monkeypatch):
+    loop = [row("agent_loop_worker_0_ab12cd34", pid=31), row("agent_loop_worker_1_ef56", state="PENDING_CREATION"),
+            row("agent_loop_worker_0_0000", state="DEAD", job=OTHER)]  # an earlier job's worker is not ours
+    table = TABLE + loop
+    # starting (pending) workers count: they are created just before fit; a dead one of another job does not
+    assert agent_loop_names(table, JOB) == ["agent_loop_worker_0_ab12cd34", "agent_loop_worker_1_ef56"]
+    watch = AgentWatch(agent_actor_names(TABLE, JOB, ["alice", "bob"], SERVERS), JOB)
+    monkeypatch.setattr(AgentWatch, "_table", staticmethod(lambda: table))
+    watch.watch_agent_loop()
+    assert watch.summary()[-1] == ("teamtr: the team's agent loop: agent_loop_worker_0_ab12cd34 (pid 31), "
+                                   "agent_loop_worker_1_ef56 (pid 1)")
+    killed = [r for r in table if r["Name"] != "agent_loop_worker_1_ef56"]
+    dead = dead_actors(killed, JOB, watch.actors_of)
+    assert dead == [(AGENT_LOOP, "agent_loop_worker_1_ef56", "no longer in Ray's actor table")]
+    assert describe(dead) == ("the team's agent loop: its actor agent_loop_worker_1_ef56 died "
+                              "(no longer in Ray's actor table)")
