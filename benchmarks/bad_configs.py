@@ -49,7 +49,9 @@ def main() -> int:
     bob = build_tiny_model(out / "bob", seed=1) if not (out / "bob" / "config.json").exists() else out / "bob"
     data = write_addition_dataset(out / "data", n_train=16, n_val=4)
     all_cases, good = cases(alice, bob, data)
-    base = [team_override(good), f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}"]
+    # one stage at most: a case that slipped past the checks would otherwise train for the config's whole length
+    base = [team_override(good), f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
+            "trainer.total_training_steps=1", f"trainer.default_local_dir={out / 'ckpt'}"]
     lines = header_lines("Bad configs: time from start to the first error (stock entry point, teamtr_tiny_cpu)")
     lines += ["| bad input | exit | Ray started | seconds | what the user sees (last line of stderr) |",
               "|---|---:|---|---:|---|"]

@@ -104,7 +104,7 @@ class AgentWatch:
     def summary(self) -> list[str]:
         """One line per agent: its actors and their process ids (what an operator, or a drill, kills)."""
         return [f"teamtr: {_owner(agent, quote=False)}: "
-                + ", ".join(f"{name} (pid {self.pids.get(name, '?')})" for name in names)
+                + ", ".join(f"{name} (pid {self.pids.get(name) or '?'})" for name in names)
                 for agent, names in self.actors_of.items()]
 
     def start(self, poll_s: float = POLL_S, on_death: Optional[Callable[[str], None]] = None) -> None:

@@ -59,7 +59,7 @@ def test_the_watch_thread_reports_a_death_once(monkeypatch):
 
 
 def test_the_agent_loop_workers_are_watched_once_fit_starts_and_named_as_the_teams(monkeypatch):
-    loop = [row("agent_loop_worker_0_ab12cd34", pid=31), row("agent_loop_worker_1_ef56", state="PENDING_CREATION"),
+    loop = [row("agent_loop_worker_0_ab12cd34", pid=31), row("agent_loop_worker_1_ef56", state="PENDING_CREATION", pid=0),
             row("agent_loop_worker_0_0000", state="DEAD", job=OTHER)]  # an earlier job's worker is not ours
     table = TABLE + loop
     # starting (pending) workers count: they are created just before fit; a dead one of another job does not
@@ -68,7 +68,7 @@ def test_the_agent_loop_workers_are_watched_once_fit_starts_and_named_as_the_tea
     monkeypatch.setattr(AgentWatch, "_table", staticmethod(lambda: table))
     watch.watch_agent_loop()
     assert watch.summary()[-1] == ("teamtr: the team's agent loop: agent_loop_worker_0_ab12cd34 (pid 31), "
-                                   "agent_loop_worker_1_ef56 (pid 1)")
+                                   "agent_loop_worker_1_ef56 (pid ?)")
     killed = [r for r in table if r["Name"] != "agent_loop_worker_1_ef56"]
     dead = dead_actors(killed, JOB, watch.actors_of)
     assert dead == [(AGENT_LOOP, "agent_loop_worker_1_ef56", "no longer in Ray's actor table")]
