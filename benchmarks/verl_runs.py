@@ -6,8 +6,10 @@ Shared by the benchmark and ablation scripts in this folder (run them as ``pytho
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,14 +33,29 @@ def run_main_ppo(config_name: str, overrides: list[str], metrics: Path, timeout_
 
 
 def cached_main_ppo(config_name: str, overrides: list[str], metrics: Path, steps: int) -> tuple[dict, str]:
-    """:func:`run_main_ppo`, unless ``metrics`` already holds ``steps`` steps and its memory line (``<metrics>.mem``)
-    from an earlier invocation: an interrupted benchmark continues where it stopped."""
+    """:func:`run_main_ppo`, unless an earlier invocation ran the same config, overrides and code (:func:`_commit`)
+    to at least ``steps`` steps (``<metrics>.mem``: that key, then the memory line): an interrupted benchmark
+    continues where it stopped. Only the first ``steps`` steps are returned."""
+    key = json.dumps([config_name, overrides, _commit()])
     memory_file = metrics.with_suffix(".mem")
-    if metrics.is_file() and memory_file.is_file() and len(read_metrics(metrics)) >= steps:
-        return read_metrics(metrics), memory_file.read_text().strip()
+    cached = memory_file.read_text().splitlines() if memory_file.is_file() else []
+    if cached[:1] == [key] and metrics.is_file() and len(read_metrics(metrics)) >= steps:
+        rows = read_metrics(metrics)
+        return {step: rows[step] for step in sorted(rows)[:steps]}, cached[1]
+    memory_file.unlink(missing_ok=True)  # a run that fails now leaves no memory line of an earlier one
     rows, memory = run_main_ppo(config_name, overrides, metrics)
-    memory_file.write_text(memory + "\n")
+    memory_file.write_text(f"{key}\n{memory}\n")
     return rows, memory
+
+
+def _commit() -> str:
+    """The committed trees of teamtr_verl/ and benchmarks/ (a docs commit keeps them), ``+dirty`` when either has
+    uncommitted changes."""
+    git, parts = ["git", "-C", str(HERE.parent)], ["teamtr_verl", "benchmarks"]
+    trees = [subprocess.run([*git, "rev-parse", f"HEAD:{part}"], capture_output=True, text=True).stdout.strip()
+             for part in parts]
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", *parts], capture_output=True).returncode != 0
+    return ":".join(trees) + ("+dirty" if dirty else "")
 
 
 def header_lines(title: str) -> list[str]:

@@ -11,7 +11,6 @@ ADV_ESTIMATOR_NAME = "teamtr"  # algorithm.adv_estimator
 POLICY_LOSS_NAME = "teamtr"  # actor_rollout_ref.actor.policy_loss.loss_mode
 AGENT_LOOP_NAME = "teamtr_handoff"  # actor_rollout_ref.rollout.agent.default_agent_loop
 AGENT_LOOP_MANAGER = "teamtr_verl.team.TeamAgentLoopManager"
-ROLLOUT_POLL_S = 0.05  # how often a stage looks for its finished rollout (verl's sync buffer: 2 s)
 
 # ------------------------------------------------------------------------------------- Eq. 9 / Eq. 10 defaults
 DEFAULT_A_CLIP = 5.0  # advantage clip A_clip of Eq. 9 (the predecessor SAT code uses 5.0)

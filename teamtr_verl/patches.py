@@ -1,8 +1,9 @@
 """Every patch teamtr-verl applies to verl, vLLM or TransferQueue internals, in one place.
 
 Two groups:
-  * on every platform: :func:`install_config_validation_hook` (a teamtr config is validated before Ray starts) and
-    :func:`patch_file_logger_append` (a resumed run appends to verl's metrics file instead of erasing it);
+  * on every platform: :func:`install_config_validation_hook` (a teamtr config is validated before Ray starts),
+    :func:`patch_file_logger_append` (a resumed run appends to verl's metrics file instead of erasing it) and
+    :func:`poll_with_backoff` (the stage loop's replay buffer looks for a finished rollout sooner than every 2 s);
   * on a CPU-only machine only (:func:`apply_verl_patches`, :func:`patch_vllm_cpu`): what verl 0.9.1's real trainer
     needs to run without a GPU. Each is applied only in CPU mode (:func:`teamtr_verl.cpu.cpu_mode`), so it is inert
     on GPU machines.
@@ -281,6 +282,34 @@ def patch_file_logger_append() -> None:
             self.fp.write(b"\n")  # a run killed mid-write left half a line: keep it off the first line of this one
 
     tracking.FileLogger.__init__ = _mark(__init__)
+
+
+FIRST_POLL_S = 0.05  # the first look for a finished rollout
+POLL_GROWTH = 1.25  # each later wait 1.25x the last, up to verl's own interval
+
+
+def poll_with_backoff(buffer) -> None:
+    """verl 0.9.1's sync ``ReplayBuffer.sample`` sleeps a fixed ``poll_interval`` (2 s) between looks for a finished
+    rollout; a TeamTR stage waits on N + 1 rollouts, which on small batches then each take a multiple of 2 s (measured
+    2.05 / 4.10 s for ~0.5 s of generation). On ``buffer`` (an instance): the first look after 0.05 s, each wait 1.25x
+    the last, up to verl's interval, restarting at every ``sample``: the wait past the rollout's end stays under a
+    quarter of its time, and a long rollout is polled as verl polls it (each look lists every TransferQueue key)."""
+    if installed_version("verl") != PINNED_VERL or _is_patched(buffer.sample):
+        return
+    ceiling, sample, wait = buffer.poll_interval, buffer.sample, buffer._wait_for_next_poll
+
+    def wait_growing(*args, **kwargs):
+        try:
+            return wait(*args, **kwargs)  # verl's: time.sleep(buffer.poll_interval), then its debug line
+        finally:
+            buffer.poll_interval = min(ceiling, buffer.poll_interval * POLL_GROWTH)
+
+    def sample_from_a_short_poll(*args, **kwargs):
+        buffer.poll_interval = min(ceiling, FIRST_POLL_S)
+        return sample(*args, **kwargs)
+
+    buffer._wait_for_next_poll = wait_growing
+    buffer.sample = _mark(sample_from_a_short_poll)
 
 
 def _ends_a_line(path: str) -> bool:

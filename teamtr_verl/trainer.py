@@ -43,9 +43,9 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
-from teamtr_verl import algos, checkpoints
+from teamtr_verl import algos, checkpoints, patches
 from teamtr_verl.config import TeamConfig
-from teamtr_verl.defaults import PREFIX_FIELD, ROLLOUT_POLL_S, TRAINER_MODE
+from teamtr_verl.defaults import PREFIX_FIELD, TRAINER_MODE
 from teamtr_verl.rollout_batch import (
     TeamRollout,
     read_log_probs,
@@ -127,9 +127,7 @@ class TeamTRTrainer(PPOTrainer):
         # synchronous: every regeneration is consumed before the next one starts.
         self.trainer_mode = "sync"
         self.replay_buffer = self._build_replay_buffer()
-        # verl's sync buffer looks for a finished rollout every 2 s; a stage waits on N + 1 rollouts, so on small
-        # batches the poll, not generation, set a regeneration's time (measured 2.05 / 4.10 s). A look is one query.
-        self.replay_buffer.poll_interval = ROLLOUT_POLL_S
+        patches.poll_with_backoff(self.replay_buffer)  # a stage waits on N + 1 rollouts: not in steps of 2 s
         self.team = TeamConfig.from_config(config.teamtr, check_paths=False)
         self.state = TeamTRState.initial(self.team)
         self.stacks = {}
@@ -160,9 +158,13 @@ class TeamTRTrainer(PPOTrainer):
 
     def fit(self, agent_loop_manager):
         # verl creates its agent-loop workers between _setup and fit: watch them too (a dead one hangs a rollout)
-        self.watch.watch_agent_loop()
-        print(self.watch.summary()[-1], flush=True)
-        return super().fit(agent_loop_manager)
+        self.watch.watch_shared_workers()
+        for line in self.watch.summary()[len(self.team.agent_names):]:
+            print(line, flush=True)
+        try:
+            return super().fit(agent_loop_manager)
+        finally:
+            self.watch.stop()
 
     def on_init_end(self):
         # As verl's sync trainer: push the (possibly just loaded) weights into every agent's replicas once.

@@ -1,5 +1,5 @@
 """Stop a team run, naming the agent, when one of an agent's Ray actors (FSDP worker, vLLM server) or one of verl's
-agent-loop workers (shared by the team) dies.
+agent-loop or reward-loop workers (shared by the team) dies.
 
 Without it a dead vLLM server can leave the stage loop waiting for rollouts or a weight sync that never come. A daemon
 thread in the trainer's process reads Ray's actor table (one GCS query, the same data as ``ray list actors``) every
@@ -20,6 +20,8 @@ from typing import Optional
 
 POLL_S = 2.0
 AGENT_LOOP = "the team's agent loop"  # verl's agent-loop workers run every agent's turns: no one agent owns them
+REWARD_LOOP = "the team's reward loop"  # verl's reward-loop workers score every episode
+SHARED = {"agent_loop_worker_": AGENT_LOOP, "reward_loop_worker_": REWARD_LOOP}  # actor name prefix -> label
 
 
 def agent_actor_names(table: Iterable[Mapping], job_id: str, agent_names: Iterable[str],
@@ -38,11 +40,11 @@ def agent_actor_names(table: Iterable[Mapping], job_id: str, agent_names: Iterab
     return out
 
 
-def agent_loop_names(table: Iterable[Mapping], job_id: str) -> list[str]:
-    """The names of verl's agent-loop workers (``agent_loop_worker_<i>_<hex>``) in job ``job_id`` that are not dead:
-    created just before ``fit``, some may still be starting."""
-    return sorted(row["Name"] for row in table if row["JobID"] == job_id and row["State"] != "DEAD"
-                  and (row["Name"] or "").startswith("agent_loop_worker_"))
+def shared_worker_names(table: Iterable[Mapping], job_id: str) -> dict[str, list[str]]:
+    """Per label of :data:`SHARED`, the names of verl's workers that serve the whole team in job ``job_id``, whatever
+    their state: some may still be starting, and one that died before ``fit`` is reported at the first poll."""
+    names = sorted(row["Name"] for row in table if row["JobID"] == job_id and row["Name"])
+    return {label: [name for name in names if name.startswith(prefix)] for prefix, label in SHARED.items()}
 
 
 def dead_actors(table: Iterable[Mapping], job_id: str, actors_of: Mapping[str, list[str]]) -> list[tuple[str, str, str]]:
@@ -59,7 +61,7 @@ def describe(dead: list[tuple[str, str, str]]) -> str:
 
 
 def _owner(agent: str, quote: bool = True) -> str:
-    return agent if agent == AGENT_LOOP else f"agent {agent!r}" if quote else f"agent {agent}"
+    return agent if agent in SHARED.values() else f"agent {agent!r}" if quote else f"agent {agent}"
 
 
 def _death_cause(row: Mapping) -> str:
@@ -73,6 +75,7 @@ class AgentWatch:
     def __init__(self, actors_of: dict[str, list[str]], job_id: str, pids: Optional[dict[str, int]] = None):
         self.actors_of, self.job_id, self.pids = actors_of, job_id, pids or {}
         self._thread: Optional[threading.Thread] = None
+        self._stopped = threading.Event()
 
     @staticmethod
     def _table() -> list[dict]:
@@ -90,13 +93,18 @@ class AgentWatch:
         actors_of = agent_actor_names(table, job_id, agent_names, server_names)
         return cls(actors_of, job_id, {name: pids[name] for names in actors_of.values() for name in names})
 
-    def watch_agent_loop(self) -> None:
-        """Watch verl's agent-loop workers too (they exist only once ``fit`` is called): a dead one would leave a
-        rollout waiting."""
+    def watch_shared_workers(self) -> None:
+        """Watch verl's agent-loop and reward-loop workers too (the agent loop exists only once ``fit`` is called):
+        a dead one would leave a rollout waiting, or fail every episode without a name."""
         table = self._table()
-        names = agent_loop_names(table, self.job_id)
-        self.pids.update({row["Name"]: row["Pid"] for row in table if row["Name"] in names})
-        self.actors_of = {**self.actors_of, AGENT_LOOP: names}  # one assignment: the thread reads whole dicts
+        shared = shared_worker_names(table, self.job_id)
+        names = {name for group in shared.values() for name in group}
+        self.pids.update({row["Name"]: row["Pid"] for row in table if row["JobID"] == self.job_id and row["Name"] in names})
+        self.actors_of = {**self.actors_of, **shared}  # one assignment: the thread reads whole dicts
+
+    def stop(self) -> None:
+        """No more polls (after ``fit``: Ray's shutdown ends every actor, which is no death to report)."""
+        self._stopped.set()
 
     def dead(self) -> list[tuple[str, str, str]]:
         return dead_actors(self._table(), self.job_id, self.actors_of)
@@ -109,13 +117,12 @@ class AgentWatch:
 
     def start(self, poll_s: float = POLL_S, on_death: Optional[Callable[[str], None]] = None) -> None:
         def watch():
-            while True:
-                time.sleep(poll_s)
+            while not self._stopped.wait(poll_s):
                 try:
                     dead = self.dead()
                 except Exception:  # a GCS hiccup is not a death; the next poll asks again
                     continue
-                if dead:
+                if dead and not self._stopped.is_set():
                     (on_death or _stop_process)(f"teamtr: stopping the run: {describe(dead)}")
                     return
 

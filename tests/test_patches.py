@@ -3,6 +3,7 @@ entry point leads. (The CPU-only patches are exercised in test_cpu_runtime.py.)"
 
 import importlib.metadata as md
 import json
+import time
 
 import pytest
 
@@ -71,3 +72,45 @@ def test_vllm_plugin_entry_point_is_the_cpu_weight_sync_patch():
     """vLLM loads `vllm.general_plugins` in its own processes: the installed entry point must reach the patch."""
     (entry,) = [ep for ep in md.entry_points(group="vllm.general_plugins") if ep.name == "teamtr_cpu"]
     assert entry.load() is patches.patch_vllm_cpu
+
+
+class _LoopingBuffer:
+    """verl 0.9.1's sync ``ReplayBuffer.sample`` in miniature: look for the rollout, and while it is not finished,
+    wait with verl's own ``_wait_for_next_poll`` (which sleeps ``poll_interval``)."""
+
+    poll_interval = 2.0  # verl's default
+
+    def sample(self, looks):
+        for _ in range(looks - 1):
+            self._wait_for_next_poll("train", time.time())
+        return "batch"
+
+
+def test_the_stage_loop_polls_soon_then_backs_off_to_verls_interval(monkeypatch):
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    sleeps = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    monkeypatch.setattr(_LoopingBuffer, "_wait_for_next_poll", ReplayBuffer._wait_for_next_poll, raising=False)
+    buffer = _LoopingBuffer()
+    patches.poll_with_backoff(buffer)
+    assert buffer.sample(looks=4) == "batch"
+    assert sleeps == pytest.approx([0.05, 0.0625, 0.078125])  # 0.05 x 1.25^k
+    sleeps.clear()
+    buffer.sample(looks=30)
+    # restarts at 0.05 with each sample; 0.05 x 1.25^17 = 2.22 > 2: from the 18th wait on, verl's 2 s
+    assert sleeps[0] == pytest.approx(0.05) and sleeps[16] == pytest.approx(0.05 * 1.25 ** 16)
+    assert sleeps[17:] == [2.0] * 12
+    # the first k waits add up to 0.2 x (1.25^k - 1): a rollout ending at t is seen by t x 1.25 + 0.05 at the latest
+    patched = buffer.sample
+    patches.poll_with_backoff(buffer)
+    assert buffer.sample is patched  # applied once per buffer
+
+
+def test_the_poll_backoff_is_pinned_to_verl_0_9_1(monkeypatch):
+    real = patches.installed_version
+    monkeypatch.setattr(patches, "installed_version", lambda name: "0.9.0" if name == "verl" else real(name))
+    buffer = _LoopingBuffer()
+    sample = buffer.sample
+    patches.poll_with_backoff(buffer)
+    assert buffer.sample == sample and buffer.poll_interval == 2.0  # another verl's buffer may differ: left alone

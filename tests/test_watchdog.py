@@ -1,6 +1,6 @@
 """The agent watch's decision (teamtr_verl.watchdog) on hand-made rows of Ray's actor table."""
 
-from teamtr_verl.watchdog import AGENT_LOOP, AgentWatch, agent_actor_names, agent_loop_names, dead_actors, describe
+from teamtr_verl.watchdog import AGENT_LOOP, REWARD_LOOP, AgentWatch, agent_actor_names, dead_actors, describe, shared_worker_names
 
 JOB, OTHER = "02000000", "01000000"
 
@@ -58,19 +58,36 @@ def test_the_watch_thread_reports_a_death_once(monkeypatch):
                        "(no longer in Ray's actor table)"]
 
 
-def test_the_agent_loop_workers_are_watched_once_fit_starts_and_named_as_the_teams(monkeypatch):
-    loop = [row("agent_loop_worker_0_ab12cd34", pid=31), row("agent_loop_worker_1_ef56", state="PENDING_CREATION", pid=0),
-            row("agent_loop_worker_0_0000", state="DEAD", job=OTHER)]  # an earlier job's worker is not ours
-    table = TABLE + loop
-    # starting (pending) workers count: they are created just before fit; a dead one of another job does not
-    assert agent_loop_names(table, JOB) == ["agent_loop_worker_0_ab12cd34", "agent_loop_worker_1_ef56"]
+def test_the_teams_agent_loop_and_reward_loop_workers_are_watched_once_fit_starts(monkeypatch):
+    shared = [row("agent_loop_worker_0_ab12cd34", pid=31), row("agent_loop_worker_1_ef56", "PENDING_CREATION", pid=0),
+              row("reward_loop_worker_0", pid=41), row("agent_loop_worker_0_0000", "DEAD", job=OTHER)]
+    table = TABLE + shared
+    # starting (pending) workers count: they are created just before fit; another job's worker does not
+    assert shared_worker_names(table, JOB) == {AGENT_LOOP: ["agent_loop_worker_0_ab12cd34", "agent_loop_worker_1_ef56"],
+                                               REWARD_LOOP: ["reward_loop_worker_0"]}
     watch = AgentWatch(agent_actor_names(TABLE, JOB, ["alice", "bob"], SERVERS), JOB)
     monkeypatch.setattr(AgentWatch, "_table", staticmethod(lambda: table))
-    watch.watch_agent_loop()
-    assert watch.summary()[-1] == ("teamtr: the team's agent loop: agent_loop_worker_0_ab12cd34 (pid 31), "
-                                   "agent_loop_worker_1_ef56 (pid ?)")
+    watch.watch_shared_workers()
+    assert watch.summary()[2:] == [
+        "teamtr: the team's agent loop: agent_loop_worker_0_ab12cd34 (pid 31), agent_loop_worker_1_ef56 (pid ?)",
+        "teamtr: the team's reward loop: reward_loop_worker_0 (pid 41)"]
     killed = [r for r in table if r["Name"] != "agent_loop_worker_1_ef56"]
     dead = dead_actors(killed, JOB, watch.actors_of)
     assert dead == [(AGENT_LOOP, "agent_loop_worker_1_ef56", "no longer in Ray's actor table")]
     assert describe(dead) == ("the team's agent loop: its actor agent_loop_worker_1_ef56 died "
                               "(no longer in Ray's actor table)")
+    # one that died before fit is watched too: the first poll reports it
+    crashed = TABLE + [row("reward_loop_worker_0", "DEAD", cause="constructor raised")]
+    assert shared_worker_names(crashed, JOB)[REWARD_LOOP] == ["reward_loop_worker_0"]
+    assert dead_actors(crashed, JOB, {REWARD_LOOP: ["reward_loop_worker_0"]}) == [
+        (REWARD_LOOP, "reward_loop_worker_0", "constructor raised")]
+
+
+def test_a_stopped_watch_reports_nothing(monkeypatch):
+    watch = AgentWatch(agent_actor_names(TABLE, JOB, ["alice", "bob"], SERVERS), JOB)
+    monkeypatch.setattr(AgentWatch, "_table", staticmethod(lambda: []))  # Ray shutting down: every actor gone
+    reports = []
+    watch.stop()
+    watch.start(poll_s=0.01, on_death=reports.append)
+    watch._thread.join(timeout=5)
+    assert not watch._thread.is_alive() and reports == []
