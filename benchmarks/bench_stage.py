@@ -12,7 +12,8 @@ tokenizer; carol: hidden 128, a third tokenizer), one run per (N, schedule); wit
 stock verl GRPO steps of alice alone on the same prompts (6 prompts x n=2 per step, 16 tokens per message). Reads
 verl's file-logger metrics and prints markdown tables of every stage (stage 1 holds vLLM's warm-up and is left out of
 the medians): per agent the time of generation, update (old log-probs + update + KL check + line search) and sync,
-the stage's wall time (verl's ``timing_s/step``), and the overhead ratio stage / sum of phases; then the median stage
+the certificate's closing regeneration, the stage's wall time (verl's ``timing_s/step``), and the overhead ratio
+stage / sum of phases; then the median stage
 time of each run side by side with one GRPO step. Budget (issue): within 10 % of the sum; a sync costs one agent.
 """
 
@@ -45,12 +46,13 @@ def steady_median(rows: dict[int, dict]) -> float:
 
 def phase_table(title: str, agents: list[str], rows: dict[int, dict], memory: str) -> list[str]:
     out = [f"### {title} ({memory})", "",
-           "| stage | " + " | ".join(f"{a} {p}" for a in agents for p in PHASES) + " | sum of phases | stage wall "
-           "(timing_s/step) | overhead ratio |",
-           "|---" * (2 + len(agents) * len(PHASES) + 2) + "|"]
+           "| stage | " + " | ".join(f"{a} {p}" for a in agents for p in PHASES) + " | closing gen_s | sum of phases | "
+           "stage wall (timing_s/step) | overhead ratio |",
+           "|---" * (3 + len(agents) * len(PHASES) + 2) + "|"]
     ratios = []
     for stage, data in rows.items():
         parts = [data.get(f"teamtr/{a}/{p}", 0.0) for a in agents for p in PHASES]
+        parts.append(data.get("teamtr/stage/closing_gen_s", 0.0))  # the certificate's closing regeneration
         ratio = step_wall(data) / sum(parts)
         if stage > 1:
             ratios.append(ratio)

@@ -49,13 +49,12 @@ def cached_main_ppo(config_name: str, overrides: list[str], metrics: Path, steps
 
 
 def _commit() -> str:
-    """The committed trees of teamtr_verl/ and benchmarks/ (a docs commit keeps them), ``+dirty`` when either has
-    uncommitted changes."""
-    git, parts = ["git", "-C", str(HERE.parent)], ["teamtr_verl", "benchmarks"]
-    trees = [subprocess.run([*git, "rev-parse", f"HEAD:{part}"], capture_output=True, text=True).stdout.strip()
-             for part in parts]
-    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", *parts], capture_output=True).returncode != 0
-    return ":".join(trees) + ("+dirty" if dirty else "")
+    """The committed tree of teamtr_verl/ (the code a run exercises; a docs or benchmark-script commit keeps it),
+    ``+dirty`` when it has uncommitted changes."""
+    git = ["git", "-C", str(HERE.parent)]
+    tree = subprocess.run([*git, "rev-parse", "HEAD:teamtr_verl"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "teamtr_verl"], capture_output=True).returncode != 0
+    return tree + ("+dirty" if dirty else "")
 
 
 def header_lines(title: str) -> list[str]:
