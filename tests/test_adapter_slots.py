@@ -1,0 +1,128 @@
+"""Per-agent adapter slots (teamtr_verl.adapter_slots) on a tiny PEFT LoRA model: a swap is bit-identical."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from teamtr_verl.adapter_slots import AdapterSlots
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def lora_model(seed=0):
+    torch.manual_seed(seed)
+    model = get_peft_model(TwoLayers(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], init_lora_weights=False))
+    return model
+
+
+def training_setup(model, lr=0.05):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))  # lr changes every step
+    return optimizer, scheduler
+
+
+def batch(agent, step):
+    g = torch.Generator().manual_seed(1000 * len(agent) + step)  # each agent its own data stream
+    return torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
+
+
+def train_step(model, optimizer, scheduler, agent, step):
+    x, y = batch(agent, step)
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def reference(agent, steps, start):
+    """``agent`` trained alone for ``steps`` steps from the adapter weights ``start``: no swaps."""
+    model = lora_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(start[name])
+    optimizer, scheduler = training_setup(model)
+    for step in range(steps):
+        train_step(model, optimizer, scheduler, agent, step)
+    return trainable(model), optimizer
+
+
+def test_interleaved_training_equals_each_agent_trained_alone_bit_for_bit():
+    model = lora_model()
+    optimizer, scheduler = training_setup(model)
+    slots = AdapterSlots(model, optimizer, scheduler)
+    start = trainable(model)
+    bob_start = {name: value + 0.01 for name, value in start.items()}  # bob: another adapter, same base
+    slots.add("alice")
+    slots.add("bob", bob_start)
+    steps = {"alice": 0, "bob": 0}
+    for agent, n in (("alice", 2), ("bob", 3), ("alice", 1), ("bob", 1), ("alice", 2)):
+        slots.activate(agent)
+        for _ in range(n):
+            train_step(model, optimizer, scheduler, agent, steps[agent])
+            steps[agent] += 1
+    for agent, begin in (("alice", start), ("bob", bob_start)):
+        expected, ref_optimizer = reference(agent, steps[agent], begin)
+        state = slots.state_of(agent)
+        for name in expected:
+            assert torch.equal(state.params[name], expected[name]), (agent, name)
+        ref_state = {n: ref_optimizer.state[p] for n, p in
+                     zip([n for n, p in lora_model().named_parameters() if p.requires_grad],
+                         ref_optimizer.param_groups[0]["params"])}
+        for name, moments in state.optimizer_state.items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(moments[key], ref_state[name][key]), (agent, name, key)
+        assert state.lrs == pytest.approx([ref_optimizer.param_groups[0]["lr"]], rel=0, abs=0)
+    # the base weights never moved
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(torch.equal(frozen[n], p) for n, p in lora_model().named_parameters() if not p.requires_grad)
+
+
+def test_a_round_trip_without_training_is_bit_identical():
+    model = lora_model()
+    optimizer, scheduler = training_setup(model)
+    slots = AdapterSlots(model, optimizer, scheduler)
+    slots.add("alice")
+    slots.add("bob", {n: torch.zeros_like(p) for n, p in trainable(model).items()})
+    slots.activate("alice")
+    train_step(model, optimizer, scheduler, "alice", 0)
+    before, moments = trainable(model), copy.deepcopy(optimizer.state_dict())
+    slots.activate("bob")
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in trainable(model).values())
+    assert optimizer.state_dict()["state"] == {}  # bob has a fresh optimizer
+    slots.activate("alice")
+    after = trainable(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    restored = optimizer.state_dict()
+    for index, state in moments["state"].items():
+        assert all(torch.equal(state[k], restored["state"][index][k]) for k in state)
+    assert restored["param_groups"][0]["lr"] == moments["param_groups"][0]["lr"]
+
+
+def test_bad_slots_are_refused():
+    model = lora_model()
+    optimizer, _ = training_setup(model)
+    slots = AdapterSlots(model, optimizer)
+    with pytest.raises(KeyError, match="no adapter slot for agent 'carol'"):
+        slots.activate("carol")
+    first = next(iter(trainable(model)))
+    with pytest.raises(ValueError, match="does not fit"):
+        slots.add("bob", {**trainable(model), first: torch.zeros(1)})
+    with pytest.raises(ValueError, match="no value for trainable parameters"):
+        slots.add("bob", {})
+    whole = torch.optim.AdamW(model.parameters())  # the base's frozen weights too: not one adapter's state
+    with pytest.raises(ValueError, match="exactly the module's trainable parameters"):
+        AdapterSlots(model, whole)
