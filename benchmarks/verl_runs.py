@@ -75,20 +75,18 @@ TASKS = {"relay": "teamtr_relay_cpu", "budget": "teamtr_budget_cpu"}  # task -> 
 def team_run(task: str, team: Path, names: tuple[str, ...], seed: int, metrics: Path, stages: int,
              overrides: list[str], label: str) -> dict[int, dict]:
     """A ``task`` team (teamtr_verl.fixtures: relay or budget) built once per (names, seed) into ``team``, trained with
-    the task's CPU config for ``stages`` stages; complete metrics already in ``metrics`` are reused (an interrupted
-    sweep continues where it stopped)."""
+    the task's CPU config for ``stages`` stages; a run already finished with the same overrides and code is reused
+    (:func:`cached_main_ppo`: an interrupted sweep continues where it stopped)."""
     from teamtr_verl.fixtures.budget import build_budget_team
     from teamtr_verl.fixtures.relay import build_relay_team
 
     if not (team / "data" / "train.parquet").is_file():
         {"relay": build_relay_team, "budget": build_budget_team}[task](team, names, seed=seed)
-    if metrics.is_file() and len(read_metrics(metrics)) >= stages:
-        return read_metrics(metrics)
-    rows, memory = run_main_ppo(TASKS[task], [
+    rows, memory = cached_main_ppo(TASKS[task], [
         team_override({name: team / name for name in names}),
         f"data.train_files={team / 'data' / 'train.parquet'}", f"data.val_files={team / 'data' / 'test.parquet'}",
         f"data.seed={seed}", f"trainer.total_training_steps={stages}", *overrides,
-    ], metrics)
+    ], metrics, stages)
     print(f"{label}: {memory}", flush=True)
     return rows
 

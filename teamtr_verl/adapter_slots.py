@@ -7,7 +7,7 @@ Copies are ``copy_`` into the live tensors (the optimizer keeps its parameter ob
 swap is bit-identical: training A, parking it, training B and bringing A back continues A exactly as if B had never
 run (tests/test_adapter_slots.py checks this against unswapped runs).
 
-Pure torch: the FSDP worker will call it on its local shards (not wired yet; docs/paper_map.md, issue #14).
+Pure torch: the FSDP worker is to call it on its local shards (not wired yet: issue #14).
 """
 
 from __future__ import annotations
@@ -61,10 +61,7 @@ class AdapterSlots:
             if name not in self.params or value.shape != self.params[name].shape:
                 raise ValueError(f"agent {agent!r}: parameter {name!r} of shape {tuple(value.shape)} does not fit "
                                  f"the live adapter {tuple(self.params[name].shape) if name in self.params else '(none)'}")
-        self.slots[agent] = Slot(
-            params={name: self._park(source[name]) for name in self.params},
-            lrs=[group["lr"] for group in self.optimizer.param_groups],
-            scheduler_state=copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None)
+        self.slots[agent] = self._slot({name: source[name] for name in self.params}, {})
 
     def activate(self, agent: str) -> None:
         """Park the live agent (if any) in its slot, then load ``agent``'s weights, optimizer and scheduler state."""
@@ -102,6 +99,10 @@ class AdapterSlots:
         state = {self.name_of[id(p)]: {key: self._park(value) if torch.is_tensor(value) else copy.deepcopy(value)
                                        for key, value in s.items()}
                  for p, s in self.optimizer.state.items()}
-        return Slot(params={name: self._park(p) for name, p in self.params.items()}, optimizer_state=state,
+        return self._slot(self.params, state)
+
+    def _slot(self, params: dict[str, torch.Tensor], optimizer_state: dict) -> Slot:
+        """A slot of ``params`` parked, ``optimizer_state`` as given, the optimizer's and scheduler's current state."""
+        return Slot(params={name: self._park(p) for name, p in params.items()}, optimizer_state=optimizer_state,
                     lrs=[group["lr"] for group in self.optimizer.param_groups],
                     scheduler_state=copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None)
