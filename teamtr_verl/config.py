@@ -12,6 +12,8 @@ Shape (YAML)::
           beta_init: null     # per-agent initial β; null -> teamtr.beta_init
           n_devices: 1        # devices of this agent in `split` placement (ignored by `colocate`)
           actor: {}           # overrides merged into actor_rollout_ref.actor for this agent only
+          sampling: {}        # this agent's turns only (null keys: actor_rollout_ref.rollout's): temperature, top_p,
+                              # top_k, max_new_tokens, stop: [strings], val_kwargs: {temperature, top_p, top_k}
       router: {kind: chain, turns: null, seed: 0, sequence: null}
       handoff: {message_format: "{name}: {content}", transcript_header: "Conversation so far:", answer: last}
       placement: split        # split | colocate
@@ -39,6 +41,8 @@ from typing import Any, Optional
 __all__ = [
     "TeamConfigError",
     "AgentSpec",
+    "SamplingSpec",
+    "ValSamplingSpec",
     "RouterSpec",
     "HandoffSpec",
     "TeamConfig",
@@ -88,6 +92,32 @@ class TeamConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ValSamplingSpec:
+    """An agent's validation sampling (None: ``actor_rollout_ref.rollout.val_kwargs``' value)."""
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How one agent's turns are sampled; None means the team's ``actor_rollout_ref.rollout`` value.
+
+    ``temperature`` also reaches the agent's actor (its log-probs divide the logits by it, as vLLM's did), so a
+    trained agent's temperature must be > 0. ``max_new_tokens`` caps the agent's messages below
+    ``actor_rollout_ref.rollout.response_length``; generation stops at any of ``stop`` (vLLM's stop strings, which
+    are left out of the message)."""
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    stop: tuple[str, ...] = ()
+    val_kwargs: ValSamplingSpec = ValSamplingSpec()
+
+
+@dataclass(frozen=True)
 class AgentSpec:
     """One agent of the team. ``delta``/``beta_init`` of None mean "use the team default" (see TeamConfig)."""
 
@@ -99,6 +129,7 @@ class AgentSpec:
     n_devices: int = 1
     # A plain nested dict, owned by this agent alone (never aliased with another agent's); excluded from the hash.
     actor: dict = field(default_factory=dict, hash=False)
+    sampling: SamplingSpec = SamplingSpec()
 
 
 @dataclass(frozen=True)
@@ -477,7 +508,46 @@ def _parse_agent(entry: Any, key: str, check_paths: bool) -> AgentSpec:
         n_devices=_integer(entry.get("n_devices", AgentSpec.n_devices), f"{key}.n_devices", minimum=1),
         # A deep copy: one agent's overrides must never alias another's (or the caller's) dict.
         actor=copy.deepcopy(_mapping(entry.get("actor"), f"{key}.actor", allow_none=True)),
+        sampling=_parse_sampling(entry.get("sampling"), f"{key}.sampling"),
     )
+
+
+def _parse_sampling(entry: Any, key: str) -> SamplingSpec:
+    entry = _mapping(entry, key, allow_none=True)
+    _reject_unknown_keys(entry, SamplingSpec, key)
+    common = _parse_sampling_common(entry, key, min_temperature_exclusive=True)
+    max_new = entry.get("max_new_tokens")
+    stop = entry.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str) or not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
+        raise _fail(f"{key}.stop", stop, "must be a list of non-empty strings, e.g. ['\\n\\n']")
+    val = _mapping(entry.get("val_kwargs"), f"{key}.val_kwargs", allow_none=True)
+    _reject_unknown_keys(val, ValSamplingSpec, f"{key}.val_kwargs")
+    return SamplingSpec(
+        **common,
+        max_new_tokens=None if max_new is None else _integer(max_new, f"{key}.max_new_tokens", minimum=1),
+        stop=tuple(stop),
+        val_kwargs=ValSamplingSpec(**_parse_sampling_common(val, f"{key}.val_kwargs", min_temperature_exclusive=False)),
+    )
+
+
+def _parse_sampling_common(entry: Mapping, key: str, *, min_temperature_exclusive: bool) -> dict:
+    """temperature, top_p and top_k of a sampling block (None where absent), in vLLM's ranges. A trained agent's
+    temperature must be > 0 (its actor divides the logits by it); validation may be greedy (0)."""
+    out = {"temperature": entry.get("temperature"), "top_p": entry.get("top_p"), "top_k": entry.get("top_k")}
+    if out["temperature"] is not None:
+        check = _positive if min_temperature_exclusive else _non_negative
+        out["temperature"] = check(out["temperature"], f"{key}.temperature")
+    if out["top_p"] is not None:
+        out["top_p"] = _positive(out["top_p"], f"{key}.top_p")
+        if out["top_p"] > 1:
+            raise _fail(f"{key}.top_p", out["top_p"], "must be in (0, 1]")
+    if out["top_k"] is not None:
+        top_k = _integer(out["top_k"], f"{key}.top_k")
+        if top_k == 0 or top_k < -1:
+            raise _fail(f"{key}.top_k", top_k, "must be -1 (no top-k) or >= 1")
+    return out
 
 
 def _check_model_dir(model: str, key: str) -> None:

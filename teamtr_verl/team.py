@@ -35,6 +35,7 @@ from teamtr_verl.team_logic import (
     episode_key,
     router_schedule,
     transcript_visible,
+    turn_sampling_params,
     turn_seed,
 )
 
@@ -48,6 +49,8 @@ ROUTE_KWARG = "teamtr_agent"
 # dataset-row field the trainer sets per prompt: the base of the episode's per-turn sampling seeds (common random
 # numbers: every regeneration of a stage samples each (prompt, sample, turn) with the same seed)
 SEED_FIELD = "teamtr_seed"
+# run() kwarg the team's agent-loop worker adds: verl tells the loop only its sampling params, not whether it validates
+VALIDATE_KWARG = "teamtr_validate"
 
 
 class TeamRewardError(RuntimeError):
@@ -133,6 +136,7 @@ class TeamHandoffAgentLoop(AgentLoopBase):
         scored_turn = answer_turn(schedule, self.team.handoff)
 
         prompt_seed = kwargs.get(SEED_FIELD)
+        validate = bool(kwargs.get(VALIDATE_KWARG, False))
         session = int(kwargs.get("session_id", 0))
         reused = episode_prefix(kwargs.get(PREFIX_FIELD), session)
         transcript: list[Message] = []
@@ -151,8 +155,9 @@ class TeamHandoffAgentLoop(AgentLoopBase):
                                                            return_dict=False)
                 prompt_ids = self._cap_text_prompt_length(list(prompt_ids))
                 with simple_timer("generate_sequences", metrics):
-                    turn_params = sampling_params if prompt_seed is None else {
-                        **sampling_params, "seed": turn_seed(int(prompt_seed), session, turn)}
+                    turn_params = turn_sampling_params(
+                        sampling_params, agent.sampling, validate=validate,
+                        seed=None if prompt_seed is None else turn_seed(int(prompt_seed), session, turn))
                     generated = await self.server_manager.generate(
                         request_id=uuid4().hex, prompt_ids=prompt_ids, sampling_params=turn_params,
                         **{ROUTE_KWARG: speaker},
@@ -194,8 +199,14 @@ class _TeamAgentLoopWorker(AgentLoopWorkerTQ.__ray_metadata__.modified_class):
     is not finite drops the trajectory through verl's failure path instead of being scored 0.
     """
 
+    async def _run_agent_loop(self, sampling_params, trajectory, **kwargs):
+        return await super()._run_agent_loop(sampling_params, trajectory, **kwargs,
+                                             **{VALIDATE_KWARG: bool(trajectory["validate"])})
+
     async def _agent_loop_postprocess(self, output, validate, **kwargs) -> None:
-        kwargs.pop(PREFIX_FIELD, None)  # verl stores every row argument in every output row: the prefix is input only
+        # verl stores every row argument in every output row: the prefix and the validate flag are input only
+        kwargs.pop(PREFIX_FIELD, None)
+        kwargs.pop(VALIDATE_KWARG, None)
         return await super()._agent_loop_postprocess(output, validate, **kwargs)
 
     async def _compute_score(self, outputs: list[AgentLoopOutput], kwargs: dict) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from teamtr_verl.config import ANSWER_LAST, AgentSpec, HandoffSpec, RouterSpec
+from teamtr_verl.config import ANSWER_LAST, AgentSpec, HandoffSpec, RouterSpec, SamplingSpec
 from teamtr_verl.defaults import AGENT_VIEWS_KEY
 
 __all__ = [
@@ -276,6 +276,25 @@ def _text(message: Mapping, what: str) -> str:
 
 
 _SEED_MODULUS = 2**31 - 1  # vLLM takes any int seed; keep it in int32 range for every backend
+
+
+def turn_sampling_params(params: Mapping[str, Any], spec: SamplingSpec, *, validate: bool,
+                         seed: Optional[int] = None) -> dict[str, Any]:
+    """The vLLM sampling params of one turn: the loop's ``params`` (verl's rollout or val_kwargs values) with the
+    speaker's own values over them (``val_kwargs`` ones when ``validate``), its token cap and stop strings, and the
+    turn's CRN ``seed`` if any. ``params`` is not modified."""
+    out = dict(params)
+    chosen = spec.val_kwargs if validate else spec
+    for key in ("temperature", "top_p", "top_k"):
+        if getattr(chosen, key) is not None:
+            out[key] = getattr(chosen, key)
+    if spec.max_new_tokens is not None:
+        out["max_tokens"] = spec.max_new_tokens
+    if spec.stop:
+        out["stop"] = list(spec.stop)
+    if seed is not None:
+        out["seed"] = seed
+    return out
 
 
 def prompt_seeds(stage: int, num_prompts: int, base: int = 0) -> list[int]:

@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def agent_trainer_config(base: DictConfig, agent: AgentSpec) -> DictConfig:
-    """The whole trainer config as agent ``agent`` sees it: its own model path, its actor overrides merged in.
+    """The whole trainer config as agent ``agent`` sees it: its own model path, its actor overrides merged in, its
+    sampling temperature (verl's actor divides the logits by ``rollout.temperature`` to recompute the log-probs of
+    what vLLM sampled).
 
     Every other key (rollout settings, data, reward) is the team's; the base config is left untouched.
     """
@@ -38,6 +40,8 @@ def agent_trainer_config(base: DictConfig, agent: AgentSpec) -> DictConfig:
         config.actor_rollout_ref.model.path = agent.model
         if agent.actor:
             config.actor_rollout_ref.actor = OmegaConf.merge(config.actor_rollout_ref.actor, dict(agent.actor))
+        if agent.sampling.temperature is not None:
+            config.actor_rollout_ref.rollout.temperature = agent.sampling.temperature
     return config
 
 

@@ -69,6 +69,12 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
                               f"({len(team.agents)} agents): teamtr.prompts_per_update=split needs a prompt per update")
     validate_placement(team, config.trainer.n_gpus_per_node * config.trainer.nnodes)
     validate_micro_batches(config, team)
+    for index, agent in enumerate(team.agents):
+        cap = agent.sampling.max_new_tokens
+        if cap is not None and cap > rollout.response_length:
+            raise TeamConfigError(f"teamtr.agents[{index}].sampling.max_new_tokens={cap!r} exceeds "
+                                  f"actor_rollout_ref.rollout.response_length={rollout.response_length}: every "
+                                  "message is padded to that length; lower the cap or raise data.max_response_length")
     for key in DATA_FILE_KEYS:
         _check_data_files(key, config.data.get(key.split(".", 1)[1]))
     return team

@@ -2,7 +2,8 @@
 team of two tiny agents (different sizes and tokenizers) on CPU with real Ray, FSDP workers and vLLM servers.
 
 * teamtr, 2 stages, a huge learning rate, δ enforced: every committed update has KL <= δ (or it was given up and
-  counted), weights changed, each agent's servers hold its own actor's weights after every sync;
+  counted), weights changed, each agent's servers hold its own actor's weights after every sync; alice samples at
+  her own temperature (0.7, bob at the rollout's 1.0) and her actor scores her tokens at it;
 * resume: a second run continues from the stage-1 checkpoint with a δ so small that no update can move the weights:
   the weights it saves must equal the saved ones bit for bit, and β must be exactly verl's adaptive rule applied once
   to the saved β;
@@ -24,6 +25,8 @@ from teamtr_verl.runs import run_main_ppo, team_override
 pytestmark = pytest.mark.e2e
 
 DELTA = 0.01
+# alice's own sampling temperature: her actor must recompute her log-probs at it (rollout_probs_diff_max below)
+ALICE_SAMPLING = "+teamtr.agents.0.sampling={temperature: 0.7}"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def run_teamtr(team, workdir: Path, *overrides: str, delta: float = DELTA):
     result, rows = run_main_ppo("teamtr_tiny_cpu", [
         team_override({"alice": alice, "bob": bob}),
         f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
-        f"teamtr.delta={delta}", *overrides,
+        f"teamtr.delta={delta}", ALICE_SAMPLING, *overrides,
     ], workdir)
     assert result.returncode == 0, f"see {workdir}/stderr.log\n{result.stderr[-4000:]}"
     return {step: data for step, data in rows.items() if "teamtr/stage/return_mean" in data}
@@ -76,7 +79,9 @@ def test_teamtr_stages_respect_each_agents_trust_region(two_stages, team):
             else:  # given up: counted, and the weights stayed at π_cur
                 assert metrics[f"teamtr/{agent}/give_ups_total"] >= 1
             assert metrics[f"teamtr/{agent}/kl_proposal"] > DELTA  # lr 0.02 really overshoots: enforcement acted
-            # vLLM log-probs of the rollout vs the actor's own: each agent's servers hold its actor's weights
+            # vLLM log-probs of the rollout vs the actor's own: each agent's servers hold its actor's weights, and
+            # alice's actor divides her logits by her own temperature (scored at 1.0 they differed by 3e-3: the tiny
+            # models are near-uniform, so temperature moves their probabilities little)
             assert metrics[f"teamtr/{agent}/rollout_probs_diff_max"] < 1e-3
             # 4 prompts x n=2, one turn each in a chain; one prompt of 4 (25 %) is held out to measure the update on
             assert metrics[f"teamtr/{agent}/messages"] == 6

@@ -507,3 +507,36 @@ def test_removed_stage_loop_keys_are_unknown(models, key):
     assert message.startswith(f"teamtr.{key} is not a known key: known keys are agents, router, handoff, placement")
     assert "step_safety" in message and "certificate" in message and "kl_reduction" in message
     assert "\n" not in message
+
+
+def test_per_agent_sampling_is_parsed_with_nones_for_the_teams_values(models):
+    from teamtr_verl.config import SamplingSpec, ValSamplingSpec
+
+    block = {"agents": [{"name": "a", "model": models["planner"],
+                         "sampling": {"temperature": 0.7, "stop": ["\n"], "max_new_tokens": 4,
+                                      "val_kwargs": {"temperature": 0}}},
+                        {"name": "b", "model": models["planner"]}]}
+    team = TeamConfig.from_config(block)
+    assert team.agent("a").sampling == SamplingSpec(temperature=0.7, top_p=None, top_k=None, max_new_tokens=4,
+                                                    stop=("\n",), val_kwargs=ValSamplingSpec(temperature=0.0))
+    assert team.agent("b").sampling == SamplingSpec()
+
+
+@pytest.mark.parametrize(
+    "sampling, expected",
+    [
+        ({"temperature": 0}, "teamtr.agents[0].sampling.temperature=0 must be > 0"),
+        ({"top_p": 1.5}, "teamtr.agents[0].sampling.top_p=1.5 must be in (0, 1]"),
+        ({"top_p": 0}, "teamtr.agents[0].sampling.top_p=0 must be > 0"),
+        ({"top_k": 0}, "teamtr.agents[0].sampling.top_k=0 must be -1 (no top-k) or >= 1"),
+        ({"max_new_tokens": 0}, "teamtr.agents[0].sampling.max_new_tokens=0 must be >= 1"),
+        ({"stop": "END"}, "teamtr.agents[0].sampling.stop='END' must be a list of non-empty strings"),
+        ({"stop": ["END", ""]}, "teamtr.agents[0].sampling.stop=['END', ''] must be a list of non-empty strings"),
+        ({"temprature": 0.5}, "teamtr.agents[0].sampling.temprature is not a known key"),
+        ({"val_kwargs": {"temperature": -1}}, "teamtr.agents[0].sampling.val_kwargs.temperature=-1 must be >= 0"),
+        ({"val_kwargs": {"n": 2}}, "teamtr.agents[0].sampling.val_kwargs.n is not a known key"),
+        ([0.5], "teamtr.agents[0].sampling=[0.5] must be a mapping"),
+    ],
+)
+def test_bad_per_agent_sampling(models, sampling, expected):
+    assert expected in _error({"agents": [{"name": "a", "model": models["planner"], "sampling": sampling}]})

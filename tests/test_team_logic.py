@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from teamtr_verl.config import AgentSpec, HandoffSpec, RouterSpec
+from teamtr_verl.config import AgentSpec, HandoffSpec, RouterSpec, SamplingSpec, ValSamplingSpec
 from teamtr_verl.team_logic import (
     Message,
     agent_view,
@@ -24,6 +24,7 @@ from teamtr_verl.team_logic import (
     prompt_seeds,
     router_schedule,
     transcript_visible,
+    turn_sampling_params,
     turn_seed,
 )
 
@@ -413,3 +414,30 @@ def test_prefix_reuse_is_exact_for_every_router_but_random():
 
     assert [prefix_reuse_is_exact(RouterSpec(kind=k)) for k in ("chain", "round_robin", "sequence", "random")] == [
         True, True, True, False]
+
+
+# ------------------------------------------------------------------------------------------------ per-agent sampling
+LOOP_PARAMS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
+
+
+def test_an_agent_without_sampling_keys_gets_the_loops_params():
+    assert turn_sampling_params(LOOP_PARAMS, SamplingSpec(), validate=False) == LOOP_PARAMS
+    assert turn_sampling_params(LOOP_PARAMS, SamplingSpec(), validate=True) == LOOP_PARAMS
+    assert turn_sampling_params(LOOP_PARAMS, SamplingSpec(), validate=False, seed=9) == {**LOOP_PARAMS, "seed": 9}
+
+
+def test_an_agents_values_replace_the_loops_and_validation_takes_its_val_kwargs():
+    spec = SamplingSpec(temperature=0.7, top_k=5, max_new_tokens=3, stop=("\n\n", "END"),
+                        val_kwargs=ValSamplingSpec(temperature=0.0))
+    params = dict(LOOP_PARAMS)
+    # training: the agent's temperature and top_k, the loop's top_p; its token cap (vLLM's max_tokens) and stops
+    assert turn_sampling_params(params, spec, validate=False, seed=4) == {
+        "temperature": 0.7, "top_p": 1.0, "top_k": 5, "repetition_penalty": 1.0, "logprobs": True,
+        "max_tokens": 3, "stop": ["\n\n", "END"], "seed": 4}
+    # validation: verl already put val_kwargs in the loop's params; the agent's val_kwargs go over them, and the
+    # training-only temperature/top_k do not apply; cap and stops hold in both
+    val_params = {**LOOP_PARAMS, "temperature": 0.3, "top_k": 2}
+    assert turn_sampling_params(val_params, spec, validate=True) == {
+        "temperature": 0.0, "top_p": 1.0, "top_k": 2, "repetition_penalty": 1.0, "logprobs": True,
+        "max_tokens": 3, "stop": ["\n\n", "END"]}
+    assert params == LOOP_PARAMS  # not modified

@@ -29,8 +29,8 @@ def two_agents(tmp_path_factory):
     return build_tiny_model(root / "alice", seed=0, hidden_size=64), build_tiny_model(root / "bob", seed=1, hidden_size=64)
 
 
-def team_config(alice, bob, **teamtr):
-    overrides = [f"teamtr.agents=[{{name: alice, model: '{alice}', role_prompt: 'You are alice.'}}, "
+def team_config(alice, bob, alice_extra="", **teamtr):
+    overrides = [f"teamtr.agents=[{{name: alice, model: '{alice}', role_prompt: 'You are alice.'{alice_extra}}}, "
                  f"{{name: bob, model: '{bob}', role_prompt: 'You are bob.'}}]"]
     overrides += [f"teamtr.{key}={value}" for key, value in teamtr.items()]
     return compose(str(CONFIG_DIR), "teamtr_tiny_cpu", overrides)
@@ -41,12 +41,13 @@ class ScriptedServer:
 
     def __init__(self, name, model_dir, reply):
         self.name, self.tokenizer, self.reply = name, agent_tokenizer(str(model_dir)), reply
-        self.prompts, self.seeds = [], []
+        self.prompts, self.seeds, self.params = [], [], []
 
     async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
         assert "teamtr_agent" not in kwargs  # the routing kwarg never reaches a real server
         self.prompts.append(list(prompt_ids))
         self.seeds.append(sampling_params.get("seed"))
+        self.params.append(dict(sampling_params))
         ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
         return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), extra_fields={"global_steps": 3})
 
@@ -229,6 +230,45 @@ def test_each_turn_is_sampled_with_the_episodes_common_random_numbers(two_agents
     assert len(set(servers["alice"].seeds + servers["bob"].seeds)) == 4  # per session and turn, never shared
     run_episode(config, servers, **ROW)
     assert servers["alice"].seeds[-1] is None and servers["bob"].seeds[-1] is None
+
+
+def test_each_turn_is_sampled_with_its_speakers_own_params_in_training_and_validation(two_agents):
+    """alice samples at temperature 0.5 with a 2-token cap and a stop string, greedily in validation; bob has no
+    sampling block and gets the loop's params unchanged in both."""
+    from teamtr_verl.team import VALIDATE_KWARG
+
+    alice, bob = two_agents
+    config = team_config(alice, bob, alice_extra=", sampling: {temperature: 0.5, max_new_tokens: 2, stop: [END], "
+                                                 "val_kwargs: {temperature: 0}}")
+    servers = {"alice": ScriptedServer("alice", alice, "msg 7"), "bob": ScriptedServer("bob", bob, "#### 7")}
+    run_episode(config, servers, **ROW)
+    run_episode(config, servers, **ROW, **{VALIDATE_KWARG: True})
+    assert servers["alice"].params == [{"temperature": 0.5, "max_tokens": 2, "stop": ["END"]},
+                                       {"temperature": 0.0, "max_tokens": 2, "stop": ["END"]}]
+    assert servers["bob"].params == [{"temperature": 1.0}, {"temperature": 1.0}]
+
+
+def test_the_worker_tells_the_loop_whether_it_validates_and_keeps_the_flag_out_of_the_rows(two_agents, monkeypatch):
+    from teamtr_verl.defaults import PREFIX_FIELD
+    from teamtr_verl.team import VALIDATE_KWARG
+
+    base = _TeamAgentLoopWorker.__mro__[1]  # verl's TransferQueue agent-loop worker
+    seen = {}
+
+    async def record_run(self, sampling_params, trajectory, **kwargs):
+        seen["run"] = kwargs
+
+    async def record_postprocess(self, output, validate, **kwargs):
+        seen["postprocess"] = kwargs
+
+    monkeypatch.setattr(base, "_run_agent_loop", record_run)
+    monkeypatch.setattr(base, "_agent_loop_postprocess", record_postprocess)
+    worker = _TeamAgentLoopWorker.__new__(_TeamAgentLoopWorker)
+    for validate in (True, False):
+        asyncio.run(worker._run_agent_loop({}, {"validate": validate}, agent_name="teamtr_handoff", uid="u"))
+        assert seen["run"] == {"agent_name": "teamtr_handoff", "uid": "u", VALIDATE_KWARG: validate}
+    asyncio.run(worker._agent_loop_postprocess([], True, uid="u", **{VALIDATE_KWARG: True, PREFIX_FIELD: "{}"}))
+    assert seen["postprocess"] == {"uid": "u"}
 
 
 # -- prefix reuse: an episode continued from the previous regeneration's first turns --------------------------------

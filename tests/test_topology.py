@@ -17,13 +17,13 @@ def model_dirs(tmp_path_factory):
     return [build_tiny_model(root / f"m{i}", seed=i, hidden_size=64, vocab_size=300) for i in range(3)]
 
 
-def compose_team(model_dirs, placement="split", n_devices=(1, 2, 1), gpus=4, tp=1):
+def compose_team(model_dirs, placement="split", n_devices=(1, 2, 1), gpus=4, tp=1, extra_overrides=()):
     extra = ["", ", actor: {optim: {lr: 0.5}, ppo_micro_batch_size_per_gpu: 2}", ""]  # a1 overrides its actor
     agents = ", ".join(f"{{name: a{i}, model: '{d}', n_devices: {n}{extra[i]}}}"
                        for i, (d, n) in enumerate(zip(model_dirs, n_devices)))
     return compose(str(CONFIG_DIR), "teamtr_tiny_cpu", [
         f"teamtr.agents=[{agents}]", f"teamtr.placement={placement}", f"trainer.n_gpus_per_node={gpus}",
-        f"actor_rollout_ref.rollout.tensor_model_parallel_size={tp}",
+        f"actor_rollout_ref.rollout.tensor_model_parallel_size={tp}", *extra_overrides,
     ])
 
 
@@ -53,6 +53,16 @@ def test_agent_config_takes_its_model_and_overrides_only(model_dirs):
     assert a0.actor_rollout_ref.actor.optim.lr == config.actor_rollout_ref.actor.optim.lr == 1e-3
     assert a1.actor_rollout_ref.actor.optim.betas == config.actor_rollout_ref.actor.optim.betas  # merged, not replaced
     assert config.actor_rollout_ref.model.path == str(model_dirs[0])  # the base config is untouched
+
+
+def test_an_agents_temperature_reaches_its_actor_config_only(model_dirs):
+    """verl's actor recomputes log-probs at rollout.temperature: an agent sampled at 0.5 must be scored at 0.5."""
+    config = compose_team(model_dirs, extra_overrides=["+teamtr.agents.1.sampling={temperature: 0.5, max_new_tokens: 2}"])
+    team = TeamConfig.from_config(config.teamtr)
+    a0, a1 = (agent_trainer_config(config, team.agent(n)) for n in ("a0", "a1"))
+    assert a1.actor_rollout_ref.rollout.temperature == 0.5
+    assert a0.actor_rollout_ref.rollout.temperature == config.actor_rollout_ref.rollout.temperature == 1.0
+    assert a1.actor_rollout_ref.rollout.response_length == config.actor_rollout_ref.rollout.response_length
 
 
 @pytest.mark.parametrize("override, expected", [

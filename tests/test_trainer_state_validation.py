@@ -329,6 +329,17 @@ def test_bad_config_names_the_dotted_key_and_value(good_config, key, value, expe
     assert expected in str(error.value)
 
 
+def test_an_agents_token_cap_must_fit_the_padded_response(good_config):
+    config = copy.deepcopy(good_config)
+    length = config.actor_rollout_ref.rollout.response_length
+    OmegaConf.update(config, "teamtr.agents.1.sampling", {"max_new_tokens": length}, force_add=True)
+    validate_teamtr_config(config)  # equal is fine
+    OmegaConf.update(config, "teamtr.agents.1.sampling.max_new_tokens", length + 1)
+    with pytest.raises(TeamConfigError, match=rf"teamtr.agents\[1\].sampling.max_new_tokens={length + 1} exceeds "
+                                              rf"actor_rollout_ref.rollout.response_length={length}"):
+        validate_teamtr_config(config)
+
+
 def test_resample_every_needs_schedule_teamtr(good_config):
     config = copy.deepcopy(good_config)
     OmegaConf.update(config, "teamtr.schedule", "stale")
