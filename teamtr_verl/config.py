@@ -12,6 +12,7 @@ Shape (YAML)::
           beta_init: null     # per-agent initial β; null -> teamtr.beta_init
           n_devices: 1        # devices of this agent in `split` placement (ignored by `colocate`)
           actor: {}           # overrides merged into actor_rollout_ref.actor for this agent only
+          train: true         # false: a frozen agent (a fixed judge, a retriever): vLLM servers only, never updated
           sampling: {}        # this agent's turns only (null keys: actor_rollout_ref.rollout's): temperature, top_p,
                               # top_k, max_new_tokens, stop: [strings], val_kwargs: {temperature, top_p, top_k}
       router: {kind: chain, turns: null, seed: 0, sequence: null}
@@ -130,6 +131,9 @@ class AgentSpec:
     # A plain nested dict, owned by this agent alone (never aliased with another agent's); excluded from the hash.
     actor: dict = field(default_factory=dict, hash=False)
     sampling: SamplingSpec = SamplingSpec()
+    # False: a frozen agent. It speaks through its own vLLM servers, loaded from ``model``, but has no actor and is
+    # never updated: the stage loop, the certificate and checkpoints treat it as part of the environment.
+    train: bool = True
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,11 @@ class TeamConfig:
     @property
     def agent_names(self) -> tuple[str, ...]:
         return tuple(agent.name for agent in self.agents)
+
+    @property
+    def trained_names(self) -> tuple[str, ...]:
+        """The agents the stage loop updates (``train: true``), in team order."""
+        return tuple(agent.name for agent in self.agents if agent.train)
 
     def agent(self, name: str) -> AgentSpec:
         for agent in self.agents:
@@ -364,6 +373,8 @@ def _parse_team(block: Any, prefix: str, check_paths: bool) -> TeamConfig:
     _reject_unknown_keys(block, TeamConfig, prefix)
 
     agents = _parse_agents(block.get("agents"), f"{prefix}.agents", check_paths)
+    if not any(agent.train for agent in agents):
+        raise TeamConfigError(f"{prefix}.agents: every agent has train: false; at least one agent must be trained")
     names = [agent.name for agent in agents]
     router = _parse_router(block.get("router"), f"{prefix}.router", names)
     handoff = _parse_handoff(block.get("handoff"), f"{prefix}.handoff", names, router)
@@ -499,6 +510,12 @@ def _parse_agent(entry: Any, key: str, check_paths: bool) -> AgentSpec:
     role_prompt = "" if role_prompt is None else _string(role_prompt, f"{key}.role_prompt")
     delta = entry.get("delta")
     beta_init = entry.get("beta_init")
+    train = _flag(entry, "train", AgentSpec.train, key)
+    if not train:  # keys that only an update reads would be silently ignored
+        for unused in ("delta", "beta_init", "actor"):
+            if entry.get(unused) not in (None, {}):
+                raise _fail(f"{key}.{unused}", entry[unused], f"does nothing for a frozen agent ({key}.train=false): "
+                                                                "remove it, or set train: true")
     return AgentSpec(
         name=name,
         model=model,
@@ -508,14 +525,15 @@ def _parse_agent(entry: Any, key: str, check_paths: bool) -> AgentSpec:
         n_devices=_integer(entry.get("n_devices", AgentSpec.n_devices), f"{key}.n_devices", minimum=1),
         # A deep copy: one agent's overrides must never alias another's (or the caller's) dict.
         actor=copy.deepcopy(_mapping(entry.get("actor"), f"{key}.actor", allow_none=True)),
-        sampling=_parse_sampling(entry.get("sampling"), f"{key}.sampling"),
+        sampling=_parse_sampling(entry.get("sampling"), f"{key}.sampling", trained=train),
+        train=train,
     )
 
 
-def _parse_sampling(entry: Any, key: str) -> SamplingSpec:
+def _parse_sampling(entry: Any, key: str, *, trained: bool = True) -> SamplingSpec:
     entry = _mapping(entry, key, allow_none=True)
     _reject_unknown_keys(entry, SamplingSpec, key)
-    common = _parse_sampling_common(entry, key, min_temperature_exclusive=True)
+    common = _parse_sampling_common(entry, key, min_temperature_exclusive=trained)
     max_new = entry.get("max_new_tokens")
     stop = entry.get("stop")
     if stop is None:
@@ -534,7 +552,7 @@ def _parse_sampling(entry: Any, key: str) -> SamplingSpec:
 
 def _parse_sampling_common(entry: Mapping, key: str, *, min_temperature_exclusive: bool) -> dict:
     """temperature, top_p and top_k of a sampling block (None where absent), in vLLM's ranges. A trained agent's
-    temperature must be > 0 (its actor divides the logits by it); validation may be greedy (0)."""
+    temperature must be > 0 (its actor divides the logits by it); validation and frozen agents may be greedy (0)."""
     out = {"temperature": entry.get("temperature"), "top_p": entry.get("top_p"), "top_k": entry.get("top_k")}
     if out["temperature"] is not None:
         check = _positive if min_temperature_exclusive else _non_negative

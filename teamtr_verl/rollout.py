@@ -120,7 +120,7 @@ def report_isolation(stacks, team) -> None:
     probe = [{"role": "user", "content": "What is 12 + 30?"}]
     prompts = {name: [agent_tokenizer(team.agent(name).model).apply_chat_template(
         probe, add_generation_prompt=True, tokenize=True, return_dict=False)] for name in stacks}
-    for moved in stacks:
+    for moved in [name for name, stack in stacks.items() if stack.trained]:  # a frozen agent has no actor to move
         changed = check_sync_isolation(stacks, prompts, moved)
         expected = {name: name == moved for name in stacks}
         print(f"isolation: synced {moved!r} -> outputs changed {changed}")

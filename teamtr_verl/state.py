@@ -31,10 +31,11 @@ class TeamTRState:
     Attributes:
         agent_names: the team, in config order (checked against the config on resume).
         agent_models: each agent's model path at the start of the run (checked on resume).
+        frozen_agents: the agents with ``train: false`` (checked on resume: a frozen agent has no saved weights).
         stages_done: completed stages (= verl's global step of the last completed stage).
         order_rng_state: ``random.Random.getstate()`` of the update-order RNG, JSON-encoded.
-        beta: per agent, its :class:`~teamtr_verl.algos.BetaState` as a dict.
-        kl_history: per agent, the measured KL of each committed update, in order.
+        beta: per trained agent, its :class:`~teamtr_verl.algos.BetaState` as a dict.
+        kl_history: per trained agent, the measured KL of each committed update, in order.
         ledger: one dict per agent update, in order (stage, agent, committed, kl, alpha, bound, its point/se, the
             importance-sampled gain ``is_gain``/``is_gain_se`` and, once measured, the paired ``crn_gain``/``_se``).
         gain_pairs: [summed bound, paired gain] of the committed updates between two regenerations of the same
@@ -46,6 +47,7 @@ class TeamTRState:
 
     agent_names: list[str]
     agent_models: dict[str, str]
+    frozen_agents: list[str] = field(default_factory=list)
     stages_done: int = 0
     order_rng_state: Any = None
     beta: dict[str, dict] = field(default_factory=dict)
@@ -60,9 +62,10 @@ class TeamTRState:
         return cls(
             agent_names=list(team.agent_names),
             agent_models={agent.name: agent.model for agent in team.agents},
+            frozen_agents=[agent.name for agent in team.agents if not agent.train],
             order_rng_state=_encode_rng(rng.getstate()),
-            beta={name: BetaState(beta=team.beta_init_of(name)).to_dict() for name in team.agent_names},
-            kl_history={name: [] for name in team.agent_names},
+            beta={name: BetaState(beta=team.beta_init_of(name)).to_dict() for name in team.trained_names},
+            kl_history={name: [] for name in team.trained_names},
         )
 
     # -- the per-agent β controller --------------------------------------------------------------------------------
@@ -115,8 +118,8 @@ class TeamTRState:
 
     # -- the update order of a stage ----------------------------------------------------------------------------------
     def next_order(self, team: TeamConfig) -> list[str]:
-        """The agents' update order for the next stage; advances the order RNG only for ``order=random``."""
-        names = list(team.agent_names)
+        """The trained agents' update order for the next stage; advances the order RNG only for ``order=random``."""
+        names = list(team.trained_names)
         if team.order == "fixed":
             return names
         if team.order == "reversed":
@@ -156,12 +159,12 @@ class TeamTRState:
 
     def check_matches(self, team: TeamConfig, where: str) -> None:
         """Raise if a checkpoint's team differs from the configured one, listing both sides."""
-        saved = [(name, self.agent_models.get(name)) for name in self.agent_names]
-        configured = [(agent.name, agent.model) for agent in team.agents]
+        saved = [(name, self.agent_models.get(name), name not in self.frozen_agents) for name in self.agent_names]
+        configured = [(agent.name, agent.model, agent.train) for agent in team.agents]
         if saved != configured:
             raise ValueError(
-                f"the checkpoint at {where} was written by another team: checkpoint agents (name, model) = {saved}; "
-                f"configured teamtr.agents = {configured}. Resume with the same agents, or start a new run "
+                f"the checkpoint at {where} was written by another team: checkpoint agents (name, model, train) = "
+                f"{saved}; configured teamtr.agents = {configured}. Resume with the same agents, or start a new run "
                 "(trainer.resume_mode=disable or another trainer.default_local_dir)."
             )
 

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 def agent_trainer_config(base: DictConfig, agent: AgentSpec) -> DictConfig:
     """The whole trainer config as agent ``agent`` sees it: its own model path, its actor overrides merged in, its
     sampling temperature (verl's actor divides the logits by ``rollout.temperature`` to recompute the log-probs of
-    what vLLM sampled).
+    what vLLM sampled). A frozen agent's servers load its weights from the model path (no actor ever syncs them).
 
     Every other key (rollout settings, data, reward) is the team's; the base config is left untouched.
     """
@@ -42,6 +42,9 @@ def agent_trainer_config(base: DictConfig, agent: AgentSpec) -> DictConfig:
             config.actor_rollout_ref.actor = OmegaConf.merge(config.actor_rollout_ref.actor, dict(agent.actor))
         if agent.sampling.temperature is not None:
             config.actor_rollout_ref.rollout.temperature = agent.sampling.temperature
+        if not agent.train:
+            config.actor_rollout_ref.rollout.load_format = "auto"
+            config.actor_rollout_ref.rollout.nnodes = config.trainer.nnodes  # verl asserts it without a worker group
     return config
 
 
@@ -86,10 +89,14 @@ class AgentStack:
 
     name: str
     config: DictConfig  # the whole trainer config as this agent sees it (agent_trainer_config)
-    worker_group: object  # RayWorkerGroup of TeamActorRolloutRefWorker
-    server_manager: object  # AgentLLMServerManager
-    checkpoint_manager: object  # CheckpointEngineManager: pushes this agent's actor weights into its own replicas
+    worker_group: object  # RayWorkerGroup of TeamActorRolloutRefWorker; None for a frozen agent
+    server_manager: object  # AgentLLMServerManager (FrozenLLMServerManager for a frozen agent)
+    checkpoint_manager: object  # CheckpointEngineManager: pushes the actor's weights into its own replicas; or None
     replica_rank_offset: int
+
+    @property
+    def trained(self) -> bool:
+        return self.worker_group is not None
 
     def client(self):
         """An ``LLMServerClient`` whose load balancer knows only this agent's servers."""
@@ -108,7 +115,7 @@ def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_r
     from verl.single_controller.ray.base import create_colocated_worker_cls, split_resource_pool
     from verl.utils.config import omega_conf_to_dataclass
 
-    from teamtr_verl.workers import AgentLLMServerManager, TeamActorRolloutRefWorker
+    from teamtr_verl.workers import AgentLLMServerManager, FrozenLLMServerManager, TeamActorRolloutRefWorker
 
     n_total = config.trainer.n_gpus_per_node * config.trainer.nnodes
     # Each bundle hosts one worker per agent in `colocate`: allow that many co-located processes per device.
@@ -129,6 +136,12 @@ def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_r
     stacks: dict[str, AgentStack] = {}
     for agent in team.agents:
         agent_config = agent_trainer_config(config, agent)
+        offset = offsets[agent.name]
+        if not agent.train:  # vLLM servers only: no actor, no optimizer, nothing to sync
+            server_manager = FrozenLLMServerManager.create(config=agent_config, worker_group=None,
+                                                           rollout_resource_pool=pools[agent.name], rank_offset=offset)
+            stacks[agent.name] = AgentStack(agent.name, agent_config, None, server_manager, None, offset)
+            continue
         worker_cls = RayClassWithInitArgs(
             cls=remote_worker, config=agent_config.actor_rollout_ref, distillation_config=None, role=role
         )
@@ -139,7 +152,6 @@ def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_r
             name_prefix=f"teamtr_{agent.name}_",
         ).spawn(prefix_set={role})[role]
         worker_group.init_model()
-        offset = offsets[agent.name]
         # Before the first sync: the ServerAdapter looks its server up by this rank, lazily.
         worker_group.set_replica_rank_offset(offset)
         server_manager = AgentLLMServerManager.create(

@@ -144,10 +144,10 @@ class TeamTRTrainer(PPOTrainer):
         self.ref_in_actor = False
         role = "actor_rollout_ref" if need_reference_policy(self.config) else "actor_rollout"
         self.stacks = build_team_stacks(self.config, self.team, role=role)
-        self._bind(self.team.agent_names[0])  # verl's helpers (validation, metrics) see one agent at a time
+        self._bind(self.team.trained_names[0])  # verl's helpers (validation, metrics) see one agent at a time
         self.reward_loop_manager = RewardLoopManager(config=self.config, rm_resource_pool=None)
         self.teacher_model_manager, self.distillation_config = None, None
-        for stack in self.stacks.values():
+        for stack in self._trained_stacks():
             stack.checkpoint_manager.sleep_replicas()
         # a dead worker or vLLM server stops the run naming its agent, instead of a stage waiting forever
         self.watch = AgentWatch.of_team(self.team.agent_names, expected_server_names(self.config, self.team))
@@ -167,8 +167,9 @@ class TeamTRTrainer(PPOTrainer):
             self.watch.stop()
 
     def on_init_end(self):
-        # As verl's sync trainer: push the (possibly just loaded) weights into every agent's replicas once.
-        for stack in self.stacks.values():
+        # As verl's sync trainer: push the (possibly just loaded) weights into every trained agent's replicas once
+        # (a frozen agent's servers loaded theirs from its model path).
+        for stack in self._trained_stacks():
             stack.checkpoint_manager.update_weights(self.global_steps)
 
     def get_llm_client(self):
@@ -186,6 +187,11 @@ class TeamTRTrainer(PPOTrainer):
 
     def _get_n_gpus_for_throughput(self) -> int:
         return self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
+
+    def _trained_stacks(self) -> list:
+        """The stacks of the trained agents, in team order (a frozen agent has no actor, optimizer or weights to
+        save, load or sync)."""
+        return [self.stacks[name] for name in self.team.trained_names]
 
     def _bind(self, name: str) -> None:
         """Point verl's single-agent attributes at agent ``name``'s stack."""
@@ -623,7 +629,8 @@ class TeamTRTrainer(PPOTrainer):
                 else checkpoints.update_folder(cursor["stage"], cursor["done"]))
         agent_dirs = {}
         with checkpoints.writing(root, name) as scratch:
-            for agent, stack in self.stacks.items():
+            for stack in self._trained_stacks():
+                agent = stack.name
                 if cursor is None or agent not in self._saved_at:
                     # retention is ours (collect_garbage): verl's per-worker one does not know about references
                     stack.worker_group.save_checkpoint(os.path.join(scratch, agent), None, self.global_steps,
@@ -650,9 +657,10 @@ class TeamTRTrainer(PPOTrainer):
         state.check_matches(self.team, folder)
         root = os.path.dirname(folder.rstrip("/"))
         name = os.path.basename(folder.rstrip("/"))
-        agent_dirs = state.cursor["agent_dirs"] if state.cursor else {agent: f"{name}/{agent}" for agent in self.stacks}
-        for agent, stack in self.stacks.items():
-            stack.worker_group.load_checkpoint(local_path=os.path.join(root, agent_dirs[agent]),
+        agent_dirs = (state.cursor["agent_dirs"] if state.cursor
+                      else {agent: f"{name}/{agent}" for agent in self.team.trained_names})
+        for stack in self._trained_stacks():
+            stack.worker_group.load_checkpoint(local_path=os.path.join(root, agent_dirs[stack.name]),
                                                del_local_after_load=self.config.trainer.del_local_ckpt_after_load)
         data_path = os.path.join(folder, "data.pt")
         if os.path.exists(data_path):

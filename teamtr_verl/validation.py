@@ -64,9 +64,10 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
             raise TeamConfigError(f"trainer.resume_from_path={path!r} must name a global_step_S or stage_S_update_U "
                                   "folder when trainer.resume_mode=resume_path") from None
     team = TeamConfig.from_config(config.get("teamtr"), prefix="teamtr")
-    if team.prompts_per_update == "split" and config.data.train_batch_size < len(team.agents):
-        raise TeamConfigError(f"data.train_batch_size={config.data.train_batch_size!r} is smaller than the team "
-                              f"({len(team.agents)} agents): teamtr.prompts_per_update=split needs a prompt per update")
+    if team.prompts_per_update == "split" and config.data.train_batch_size < len(team.trained_names):
+        raise TeamConfigError(f"data.train_batch_size={config.data.train_batch_size!r} is smaller than the number of "
+                              f"trained agents ({len(team.trained_names)}): teamtr.prompts_per_update=split needs a "
+                              "prompt per update")
     validate_placement(team, config.trainer.n_gpus_per_node * config.trainer.nnodes)
     validate_micro_batches(config, team)
     for index, agent in enumerate(team.agents):
@@ -90,6 +91,8 @@ def validate_micro_batches(config: DictConfig, team: TeamConfig) -> None:
     from teamtr_verl.topology import agent_devices, agent_trainer_config
 
     for agent in team.agents:
+        if not agent.train:  # a frozen agent has no actor and no mini-batches
+            continue
         ref = agent_trainer_config(config, agent).actor_rollout_ref
         rows, devices = ref.actor.ppo_mini_batch_size * ref.rollout.n, agent_devices(config, team, agent)
         checks = [("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", ref.actor.get("ppo_micro_batch_size_per_gpu"),

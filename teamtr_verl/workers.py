@@ -7,6 +7,7 @@ replica ranks, and both the server side (replicas, their Ray actor names) and th
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 
@@ -162,3 +163,30 @@ class AgentLLMServerManager(LLMServerManager):
     def __init__(self, *args, rank_offset: int = 0, **kwargs):
         self.rollout_replica_class = functools.partial(OffsetVLLMReplica, rank_offset=rank_offset)
         super().__init__(*args, start_rank=rank_offset, **kwargs)
+
+
+class FrozenLLMServerManager(AgentLLMServerManager):
+    """The vLLM replicas of a frozen agent (``train: false``): no actor worker group behind them.
+
+    Each replica is launched in verl's colocated mode, as verl launches its teacher models: on its own
+    ``tensor x data x pipeline``-device slice of the agent's resource pool, with small checkpoint-engine workers
+    instead of FSDP ones, and vLLM loading the weights from the agent's model path (``rollout.load_format=auto``,
+    set by :func:`teamtr_verl.topology.agent_trainer_config`). Replica ranks start at the agent's offset as for a
+    trained agent, so the server names are the expected ones.
+    """
+
+    async def _initialize_llm_servers(self, start_rank: int = None):
+        from verl.single_controller.ray.base import split_resource_pool
+
+        rollout = self.rollout_config
+        world_size = rollout.tensor_model_parallel_size * rollout.data_parallel_size * rollout.pipeline_model_parallel_size
+        pools = split_resource_pool(self.rollout_resource_pool, world_size)
+        first = self.start_rank if start_rank is None else start_rank
+        self.rollout_replicas = [
+            self.rollout_replica_class(replica_rank=first + index, config=rollout, model_config=self.model_config,
+                                       gpus_per_node=rollout.n_gpus_per_node)
+            for index in range(len(pools))
+        ]
+        await asyncio.gather(*[replica.init_colocated(pool) for replica, pool in zip(self.rollout_replicas, pools)])
+        self.server_handles = [replica._server_handle for replica in self.rollout_replicas]
+        self.server_addresses = [replica._server_address for replica in self.rollout_replicas]

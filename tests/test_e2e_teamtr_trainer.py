@@ -8,11 +8,14 @@ team of two tiny agents (different sizes and tokenizers) on CPU with real Ray, F
   the weights it saves must equal the saved ones bit for bit, and β must be exactly verl's adaptive rule applied once
   to the saved β;
 * the `stale` schedule runs from the same entry point (the paper's central comparison is one flag), here on a
-  three-agent round-robin team where one agent speaks twice.
+  three-agent round-robin team where one agent speaks twice;
+* a frozen agent (`train: false`) speaks through its own servers, with no actor worker, and is never updated,
+  synced or saved.
 """
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -171,3 +174,27 @@ def test_stale_schedule_runs_a_three_agent_round_robin_from_the_same_entry_point
     # the closing regeneration measures the stage's updates together, on the same episodes (one paired gain)
     assert metrics["teamtr/stage/closing_gen_s"] > 0 and metrics["teamtr/stage/gain_measurements"] == 1
     assert metrics["teamtr/alice/crn_gain"] == metrics["teamtr/bob/crn_gain"] == metrics["teamtr/carol/crn_gain"]
+
+
+def test_a_frozen_agent_speaks_but_has_no_worker_and_is_never_updated_or_saved(team, tmp_path):
+    alice, bob, data = team
+    ckpt = tmp_path / "ckpt"
+    result, rows = run_main_ppo("teamtr_tiny_cpu", [
+        f"teamtr.agents=[{{name: alice, model: '{alice}'}}, {{name: bob, model: '{bob}', train: false}}]",
+        f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}",
+        "trainer.total_training_steps=1", "trainer.save_freq=1", f"trainer.default_local_dir={ckpt}",
+    ], tmp_path)
+    assert result.returncode == 0, f"see {tmp_path}/stderr.log\n{result.stderr[-4000:]}"
+    metrics = rows[1]
+    # alice alone is updated: 4 prompts x n=2 minus the held-out prompt's 2; bob has no metrics at all
+    assert metrics["teamtr/alice/messages"] == 6 and metrics["teamtr/alice/position"] == 0
+    assert not [key for key in metrics if key.startswith("teamtr/bob/")]
+    # one update: one regeneration before it and the closing one, each of 4 prompts x 2 episodes with bob's turns
+    assert metrics["teamtr/stage/episodes"] == 2 * 4 * 2 and metrics["teamtr/stage/gain_measurements"] == 1
+    assert sorted(p.name for p in (ckpt / "global_step_1").iterdir()) == ["alice", "data.pt", "teamtr_state.json"]
+    state = json.loads((ckpt / "global_step_1" / "teamtr_state.json").read_text())
+    assert state["frozen_agents"] == ["bob"] and list(state["beta"]) == ["alice"]
+    # bob's servers are up and watched; he has no FSDP worker (those are named teamtr_<agent>_...)
+    text = result.stdout + result.stderr
+    assert re.search(r"teamtr: agent bob: vllm_server_1_0 \(pid \d+\)", text), text[-3000:]
+    assert "teamtr_bob_" not in text

@@ -540,3 +540,32 @@ def test_per_agent_sampling_is_parsed_with_nones_for_the_teams_values(models):
 )
 def test_bad_per_agent_sampling(models, sampling, expected):
     assert expected in _error({"agents": [{"name": "a", "model": models["planner"], "sampling": sampling}]})
+
+
+def test_a_frozen_agent_is_listed_apart_and_may_sample_greedily(models):
+    block = {"agents": [{"name": "judge", "model": models["planner"], "train": False,
+                         "sampling": {"temperature": 0}},
+                        {"name": "solver", "model": models["solver"]}]}
+    team = TeamConfig.from_config(block)
+    assert team.agent_names == ("judge", "solver") and team.trained_names == ("solver",)
+    assert team.agent("judge").sampling.temperature == 0.0 and team.agent("solver").train
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"delta": 0.1}, "teamtr.agents[0].delta=0.1 does nothing for a frozen agent (teamtr.agents[0].train=false)"),
+        ({"beta_init": 0.5}, "teamtr.agents[0].beta_init=0.5 does nothing for a frozen agent"),
+        ({"actor": {"optim": {"lr": 1e-3}}}, "teamtr.agents[0].actor={'optim': {'lr': 0.001}} does nothing for a frozen"),
+        ({"train": "no"}, "teamtr.agents[0].train='no' must be true or false"),
+    ],
+)
+def test_bad_frozen_agents(models, extra, expected):
+    block = {"agents": [{"name": "a", "model": models["planner"], "train": False, **extra},
+                        {"name": "b", "model": models["solver"]}]}
+    assert expected in _error(block)
+
+
+def test_a_team_needs_a_trained_agent(models):
+    block = {"agents": [{"name": "a", "model": models["planner"], "train": False}]}
+    assert _error(block) == "teamtr.agents: every agent has train: false; at least one agent must be trained"

@@ -65,6 +65,18 @@ def test_an_agents_temperature_reaches_its_actor_config_only(model_dirs):
     assert a1.actor_rollout_ref.rollout.response_length == config.actor_rollout_ref.rollout.response_length
 
 
+def test_a_frozen_agents_servers_load_its_model_from_disk(model_dirs):
+    """A trained agent's servers start with dummy weights that its actor's first sync replaces; a frozen agent has
+    no actor, so its servers must load the model path (and verl wants rollout.nnodes > 0 without a worker group)."""
+    config = compose_team(model_dirs, extra_overrides=["+teamtr.agents.2.train=false"])
+    team = TeamConfig.from_config(config.teamtr)
+    frozen, trained = agent_trainer_config(config, team.agent("a2")), agent_trainer_config(config, team.agent("a0"))
+    assert (frozen.actor_rollout_ref.rollout.load_format, frozen.actor_rollout_ref.rollout.nnodes) == ("auto", 1)
+    assert trained.actor_rollout_ref.rollout.load_format == config.actor_rollout_ref.rollout.load_format == "dummy"
+    assert team.trained_names == ("a0", "a1")
+    assert expected_server_names(config, team)["a2"] == ["vllm_server_3_0"]  # its replica ranks follow a0's and a1's
+
+
 @pytest.mark.parametrize("override, expected", [
     ("trainer.n_gpus_per_node=2", "teamtr.placement='split' needs 4 devices"),
     ("teamtr.agents.0.name=a1", "teamtr.agents[1].name='a1' is a duplicate"),

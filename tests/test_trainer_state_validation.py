@@ -25,10 +25,10 @@ from teamtr_verl.validation import validate_teamtr_config
 NAMES = ("alice", "bob", "carol")
 
 
-def team(order="fixed", order_seed=0, names=NAMES, models=None, **extra):
+def team(order="fixed", order_seed=0, names=NAMES, models=None, frozen=(), **extra):
     models = models or [f"/models/{name}" for name in names]
-    block = {"agents": [{"name": n, "model": m} for n, m in zip(names, models)], "order": order,
-             "order_seed": order_seed, **extra}
+    block = {"agents": [{"name": n, "model": m, "train": n not in frozen} for n, m in zip(names, models)],
+             "order": order, "order_seed": order_seed, **extra}
     return TeamConfig.from_config(block, check_paths=False)
 
 
@@ -159,6 +159,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     (team(names=("alice", "bob", "dave")), "another name"),
     (team(names=("alice", "bob")), "fewer agents"),
     (team(models=["/models/alice", "/models/bob-v2", "/models/carol"]), "another model path"),
+    (team(frozen=("bob",)), "an agent frozen since"),
 ])
 def test_check_matches_lists_both_sides(configured, what):
     state = TeamTRState.initial(team())
@@ -166,9 +167,26 @@ def test_check_matches_lists_both_sides(configured, what):
         state.check_matches(configured, "/ckpt/global_step_4")
     message = str(error.value)
     assert "/ckpt/global_step_4" in message, what
-    saved = [(n, f"/models/{n}") for n in NAMES]
-    assert f"checkpoint agents (name, model) = {saved}" in message, what
-    assert f"configured teamtr.agents = {[(a.name, a.model) for a in configured.agents]}" in message, what
+    saved = [(n, f"/models/{n}", True) for n in NAMES]
+    assert f"checkpoint agents (name, model, train) = {saved}" in message, what
+    assert f"configured teamtr.agents = {[(a.name, a.model, a.train) for a in configured.agents]}" in message, what
+
+
+def test_a_frozen_agent_has_no_beta_and_no_place_in_the_order():
+    """carol is frozen: the orders (every kind) hold alice and bob only; the random order draws from the RNG as a
+    team of two would; carol has no β state; the state records her as frozen and a resume with her frozen matches."""
+    frozen = team(frozen=("carol",), order="random", order_seed=7)
+    state = TeamTRState.initial(frozen)
+    assert state.frozen_agents == ["carol"] and sorted(state.beta) == sorted(state.kl_history) == ["alice", "bob"]
+    assert [state.next_order(frozen) for _ in range(3)] == shuffles(7, 3, names=("alice", "bob"))
+    assert TeamTRState.initial(team(frozen=("carol",))).next_order(team(frozen=("carol",))) == ["alice", "bob"]
+    assert TeamTRState.initial(team(frozen=("alice",), order="reversed")).next_order(
+        team(frozen=("alice",), order="reversed")) == ["carol", "bob"]
+    state.check_matches(team(frozen=("carol",)), "/ckpt")
+    # a state file written before frozen agents existed (no key) reads as a team without any
+    data = TeamTRState.initial(team()).to_dict()
+    del data["frozen_agents"]
+    assert TeamTRState.from_dict(data).frozen_agents == []
 
 
 def test_check_matches_accepts_the_same_team():
@@ -315,7 +333,7 @@ def test_good_config_passes(good_config):
     ("trainer.resume_mode", "sometimes", "trainer.resume_mode='sometimes' is not valid"),
     ("critic.enable", True, "critic.enable=True is not supported"),
     ("teamtr.prompts_per_update", "half", "teamtr.prompts_per_update='half' is not valid: choose one of all, split"),
-    ("data.train_batch_size", 1, "data.train_batch_size=1 is smaller than the team (2 agents): "
+    ("data.train_batch_size", 1, "data.train_batch_size=1 is smaller than the number of trained agents (2): "
                                  "teamtr.prompts_per_update=split needs a prompt per update"),
     ("algorithm.use_kl_in_reward", True, "algorithm.use_kl_in_reward=True is not supported"),
 ])

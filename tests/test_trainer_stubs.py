@@ -279,10 +279,10 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
     trainer.config = config
     trainer.team = TeamConfig.from_config(config.teamtr)
     trainer.state = TeamTRState.initial(trainer.team)
-    trainer.stacks = {
+    trainer.stacks = {  # a frozen agent's stack has servers only, as topology.build_team_stacks builds it
         agent.name: FakeStack(agent.name, agent_configs[len(trainer.team.agents), agent.name],
-                              FakeWorkerGroup(agent.name, log),
-                              FakeCheckpointManager(agent.name, log))
+                              FakeWorkerGroup(agent.name, log) if agent.train else None,
+                              FakeCheckpointManager(agent.name, log) if agent.train else None)
         for agent in trainer.team.agents
     }
     trainer.global_steps = global_steps
@@ -1032,6 +1032,37 @@ def test_save_then_load_checkpoint_round_trips_the_stage_state(make_trainer, bas
     assert [e for e in log if e[0] == "load"] == [("load", "alice", str(step_dir / "alice")),
                                                    ("load", "bob", str(step_dir / "bob"))]
     assert resumed.state.next_order(resumed.team) == trainer.state.next_order(trainer.team)
+
+
+def test_a_frozen_agent_speaks_but_is_never_updated_synced_or_saved(make_trainer, base_configs, tmp_path):
+    """bob is frozen (train: false; his stack has no worker group or checkpoint manager, so any call would fail):
+    his turns are in every regeneration, but the stage updates alice then carol only, regenerating before each and
+    once after, and a checkpoint saves and loads alice and carol only."""
+    config = team_config(base_configs, 3)
+    OmegaConf.update(config, "teamtr.agents.1.train", False, force_add=True)
+    OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path))
+    log = []
+    trainer = make_trainer(config, log, global_steps=2)
+    metrics = {}
+    result = trainer.step(metrics, {})
+    assert log == REGEN + agent_block("alice") + REGEN + agent_block("carol") + REGEN
+    assert len(result.keys) == 3 * PROMPTS * SESSIONS * 3  # bob's turns were generated (and are cleared)
+    assert (metrics["teamtr/alice/position"], metrics["teamtr/carol/position"]) == (0, 1)
+    assert not [key for key in metrics if key.startswith("teamtr/bob/")]
+    assert [u["agent"] for u in trainer.state.ledger] == ["alice", "carol"]
+    assert "bob" not in trainer.state.beta and trainer.state.frozen_agents == ["bob"]
+
+    trainer.train_dataloader = FakeDataloader(position=5)
+    trainer._save_checkpoint()
+    assert [e[:2] for e in log if e[0] == "save"] == [("save", "alice"), ("save", "carol")]
+    assert sorted(p.name for p in (tmp_path / "global_step_2").iterdir()) == [
+        "alice", "carol", "data.pt", "teamtr_state.json"]
+    OmegaConf.update(config, "trainer.resume_mode", "auto")
+    resumed = make_trainer(config, log)
+    resumed.train_dataloader = FakeDataloader()
+    resumed._load_checkpoint()
+    assert [e[:2] for e in log if e[0] == "load"] == [("load", "alice"), ("load", "carol")]
+    assert resumed.state == trainer.state
 
 
 class Killed(Exception):
