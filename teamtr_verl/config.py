@@ -12,6 +12,8 @@ Shape (YAML)::
           beta_init: null     # per-agent initial β; null -> teamtr.beta_init
           n_devices: 1        # devices of this agent in `split` placement (ignored by `colocate`)
           actor: {}           # overrides merged into actor_rollout_ref.actor for this agent only
+          chat_template: null # a Jinja chat template replacing the tokenizer's (the team's message format for a new model)
+          chat_template_kwargs: {}  # over data.apply_chat_template_kwargs, for this agent (e.g. enable_thinking: false)
           train: true         # false: a frozen agent (a fixed judge, a retriever): vLLM servers only, never updated
           sampling: {}        # this agent's turns only (null keys: actor_rollout_ref.rollout's): temperature, top_p,
                               # top_k, max_new_tokens, stop: [strings], val_kwargs: {temperature, top_p, top_k}
@@ -131,6 +133,11 @@ class AgentSpec:
     # A plain nested dict, owned by this agent alone (never aliased with another agent's); excluded from the hash.
     actor: dict = field(default_factory=dict, hash=False)
     sampling: SamplingSpec = SamplingSpec()
+    # How the agent's prompt is rendered: a Jinja chat template instead of its tokenizer's, and keyword arguments
+    # for it over verl's data.apply_chat_template_kwargs (e.g. enable_thinking=False). Part of the team's protocol:
+    # an incoming model can be made to see the team's messages exactly as its predecessor did.
+    chat_template: Optional[str] = None
+    chat_template_kwargs: dict = field(default_factory=dict, hash=False)
     # False: a frozen agent. It speaks through its own vLLM servers, loaded from ``model``, but has no actor and is
     # never updated: the stage loop, the certificate and checkpoints treat it as part of the environment.
     train: bool = True
@@ -526,6 +533,10 @@ def _parse_agent(entry: Any, key: str, check_paths: bool) -> AgentSpec:
         # A deep copy: one agent's overrides must never alias another's (or the caller's) dict.
         actor=copy.deepcopy(_mapping(entry.get("actor"), f"{key}.actor", allow_none=True)),
         sampling=_parse_sampling(entry.get("sampling"), f"{key}.sampling", trained=train),
+        chat_template=None if entry.get("chat_template") is None else _string(entry["chat_template"],
+                                                                             f"{key}.chat_template"),
+        chat_template_kwargs=copy.deepcopy(_mapping(entry.get("chat_template_kwargs"), f"{key}.chat_template_kwargs",
+                                                    allow_none=True)),
         train=train,
     )
 

@@ -33,6 +33,7 @@ from teamtr_verl.team_logic import (
     build_agent_messages,
     check_agent_views,
     episode_key,
+    render_prompt,
     router_schedule,
     transcript_visible,
     turn_sampling_params,
@@ -151,8 +152,7 @@ class TeamHandoffAgentLoop(AgentLoopBase):
                 task_messages = agent_view(extra_info, raw_prompt, speaker)
                 chat = build_agent_messages(agent, task_messages, transcript, self.team.handoff,
                                             show_transcript=transcript_visible(extra_info))
-                prompt_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False)
+                prompt_ids = render_prompt(tokenizer, agent, chat, self.config.data)
                 prompt_ids = self._cap_text_prompt_length(list(prompt_ids))
                 with simple_timer("generate_sequences", metrics):
                     turn_params = turn_sampling_params(

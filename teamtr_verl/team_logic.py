@@ -278,6 +278,14 @@ def _text(message: Mapping, what: str) -> str:
 _SEED_MODULUS = 2**31 - 1  # vLLM takes any int seed; keep it in int32 range for every backend
 
 
+def render_prompt(tokenizer, agent: AgentSpec, chat: list[dict], data_config) -> list[int]:
+    """An agent's prompt token ids: its chat template (its own, or ``agent.chat_template``) on ``chat`` with the
+    generation prompt, under verl's ``data.apply_chat_template_kwargs`` overridden by the agent's own."""
+    kwargs = {**dict(data_config.get("apply_chat_template_kwargs") or {}), **agent.chat_template_kwargs}
+    return list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                              chat_template=agent.chat_template, **kwargs))
+
+
 def turn_sampling_params(params: Mapping[str, Any], spec: SamplingSpec, *, validate: bool,
                          seed: Optional[int] = None) -> dict[str, Any]:
     """The vLLM sampling params of one turn: the loop's ``params`` (verl's rollout or val_kwargs values) with the

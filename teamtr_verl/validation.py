@@ -76,9 +76,31 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
             raise TeamConfigError(f"teamtr.agents[{index}].sampling.max_new_tokens={cap!r} exceeds "
                                   f"actor_rollout_ref.rollout.response_length={rollout.response_length}: every "
                                   "message is padded to that length; lower the cap or raise data.max_response_length")
+    validate_chat_templates(config, team)
     for key in DATA_FILE_KEYS:
         _check_data_files(key, config.data.get(key.split(".", 1)[1]))
     return team
+
+
+def validate_chat_templates(config: DictConfig, team: TeamConfig) -> None:
+    """An agent's own chat template or template kwargs must render a probe conversation with its tokenizer: a
+    template error would otherwise surface in the first episode, after the cluster started."""
+    from transformers import AutoTokenizer
+
+    from teamtr_verl.team_logic import render_prompt
+
+    probe = [{"role": "system", "content": "probe role"}, {"role": "user", "content": "probe task"}]
+    for index, agent in enumerate(team.agents):
+        if agent.chat_template is None and not agent.chat_template_kwargs:
+            continue
+        key = f"teamtr.agents[{index}]." + ("chat_template" if agent.chat_template is not None else "chat_template_kwargs")
+        value = agent.chat_template if agent.chat_template is not None else agent.chat_template_kwargs
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        try:
+            render_prompt(AutoTokenizer.from_pretrained(agent.model), agent, probe, config.data)
+        except Exception as error:  # any template failure (syntax, undefined name, raise_exception) is the user's
+            raise TeamConfigError(f"{key}={shown} does not render a probe chat with agent {agent.name!r}'s "
+                                  f"tokenizer: {type(error).__name__}: {error}") from None
 
 
 def validate_micro_batches(config: DictConfig, team: TeamConfig) -> None:

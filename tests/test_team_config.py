@@ -569,3 +569,15 @@ def test_bad_frozen_agents(models, extra, expected):
 def test_a_team_needs_a_trained_agent(models):
     block = {"agents": [{"name": "a", "model": models["planner"], "train": False}]}
     assert _error(block) == "teamtr.agents: every agent has train: false; at least one agent must be trained"
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"chat_template": ["{{ x }}"]}, "teamtr.agents[0].chat_template=['{{ x }}'] must be a string"),
+        ({"chat_template_kwargs": "enable_thinking=False"},
+         "teamtr.agents[0].chat_template_kwargs='enable_thinking=False' must be a mapping"),
+    ],
+)
+def test_bad_chat_template_keys(models, extra, expected):
+    assert expected in _error({"agents": [{"name": "a", "model": models["planner"], **extra}]})

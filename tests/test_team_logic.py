@@ -22,6 +22,7 @@ from teamtr_verl.team_logic import (
     format_transcript,
     heldout_prompts,
     prompt_seeds,
+    render_prompt,
     router_schedule,
     transcript_visible,
     turn_sampling_params,
@@ -441,3 +442,38 @@ def test_an_agents_values_replace_the_loops_and_validation_takes_its_val_kwargs(
         "temperature": 0.0, "top_p": 1.0, "top_k": 2, "repetition_penalty": 1.0, "logprobs": True,
         "max_tokens": 3, "stop": ["\n\n", "END"]}
     assert params == LOOP_PARAMS  # not modified
+
+
+# ------------------------------------------------------------------------------------------------ chat templates
+# A template of the team's own protocol: "[role] content" lines, a thinking switch, the assistant cue last.
+TEAM_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                 "{% if enable_thinking is defined and not enable_thinking %}/no_think\n{% endif %}"
+                 "{% if add_generation_prompt %}[assistant] {% endif %}")
+CHAT = [{"role": "system", "content": "You are the planner."}, {"role": "user", "content": "Plan it."}]
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer():
+    from teamtr_verl.fixtures.model import build_tokenizer
+
+    return build_tokenizer(vocab_size=300)
+
+
+def test_an_agent_renders_with_its_tokenizers_template_unless_it_brings_its_own(chatml_tokenizer):
+    no_data_kwargs = {}
+    own = render_prompt(chatml_tokenizer, PLANNER, CHAT, no_data_kwargs)
+    assert chatml_tokenizer.decode(own) == ("<|im_start|>system\nYou are the planner.<|im_end|>\n"
+                                            "<|im_start|>user\nPlan it.<|im_end|>\n<|im_start|>assistant\n")
+    team_format = AgentSpec(name="planner", model="/m/p", chat_template=TEAM_TEMPLATE)
+    assert chatml_tokenizer.decode(render_prompt(chatml_tokenizer, team_format, CHAT, no_data_kwargs)) == (
+        "[system] You are the planner.\n[user] Plan it.\n[assistant] ")
+
+
+def test_an_agents_template_kwargs_override_verls_data_kwargs(chatml_tokenizer):
+    thinking_on = {"apply_chat_template_kwargs": {"enable_thinking": True}}
+    team_format = AgentSpec(name="planner", model="/m/p", chat_template=TEAM_TEMPLATE)
+    assert "/no_think" not in chatml_tokenizer.decode(render_prompt(chatml_tokenizer, team_format, CHAT, thinking_on))
+    quiet = AgentSpec(name="planner", model="/m/p", chat_template=TEAM_TEMPLATE,
+                      chat_template_kwargs={"enable_thinking": False})
+    assert chatml_tokenizer.decode(render_prompt(chatml_tokenizer, quiet, CHAT, thinking_on)) == (
+        "[system] You are the planner.\n[user] Plan it.\n/no_think\n[assistant] ")

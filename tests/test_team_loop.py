@@ -248,6 +248,24 @@ def test_each_turn_is_sampled_with_its_speakers_own_params_in_training_and_valid
     assert servers["bob"].params == [{"temperature": 1.0}, {"temperature": 1.0}]
 
 
+def test_a_turn_is_rendered_with_its_speakers_own_chat_template(two_agents):
+    """alice brings the team's own format (a plain-text template, thinking off through her template kwargs); bob
+    keeps his tokenizer's ChatML. Each server receives exactly its speaker's rendering."""
+    from omegaconf import OmegaConf
+
+    alice, bob = two_agents
+    config = team_config(alice, bob)
+    OmegaConf.update(config, "teamtr.agents.0.chat_template",
+                     "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                     "{% if not enable_thinking %}/no_think\n{% endif %}[assistant] ", force_add=True)
+    OmegaConf.update(config, "teamtr.agents.0.chat_template_kwargs", {"enable_thinking": False}, force_add=True)
+    servers = {"alice": ScriptedServer("alice", alice, "msg 7"), "bob": ScriptedServer("bob", bob, "#### 7")}
+    run_episode(config, servers, **ROW)
+    assert servers["alice"].tokenizer.decode(servers["alice"].prompts[0]) == (
+        "[system] You are alice.\n[user] Secret x = 7. Tell bob.\n/no_think\n[assistant] ")
+    assert servers["bob"].tokenizer.decode(servers["bob"].prompts[0]).startswith("<|im_start|>system\nYou are bob.")
+
+
 def test_the_worker_tells_the_loop_whether_it_validates_and_keeps_the_flag_out_of_the_rows(two_agents, monkeypatch):
     from teamtr_verl.defaults import PREFIX_FIELD
     from teamtr_verl.team import VALIDATE_KWARG

@@ -358,6 +358,22 @@ def test_an_agents_token_cap_must_fit_the_padded_response(good_config):
         validate_teamtr_config(config)
 
 
+@pytest.mark.parametrize("template, expected", [
+    ("{% for m in messages %}{{ m.content }", "TemplateSyntaxError"),
+    ("{{ raise_exception('this template wants a tool list') }}", "this template wants a tool list"),
+])
+def test_an_agents_chat_template_must_render_before_ray_starts(good_config, template, expected):
+    config = copy.deepcopy(good_config)
+    OmegaConf.update(config, "teamtr.agents.1.chat_template", template, force_add=True)
+    with pytest.raises(TeamConfigError) as error:
+        validate_teamtr_config(config)
+    assert str(error.value).startswith(f"teamtr.agents[1].chat_template={template!r} does not render a probe chat "
+                                       "with agent 'bob''s tokenizer: ")
+    assert expected in str(error.value)
+    OmegaConf.update(config, "teamtr.agents.1.chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}")
+    validate_teamtr_config(config)
+
+
 def test_resample_every_needs_schedule_teamtr(good_config):
     config = copy.deepcopy(good_config)
     OmegaConf.update(config, "teamtr.schedule", "stale")
