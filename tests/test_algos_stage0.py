@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from teamtr_verl.algos.stage0 import alignment_verdict, exact_kl, geometric_mixture, mixture_within
+from teamtr_verl.algos.stage0 import (
+    alignment_verdict,
+    exact_kl,
+    geometric_mixture,
+    message_kl,
+    mixture_within,
+    topk_forward_kl,
+)
 
 
 def logits(*probs):
@@ -79,3 +86,62 @@ def test_alignment_verdict_aligned_continue_refused():
     assert alignment_verdict([0.01], delta0=0.05, max_steps=0).status == "aligned"  # in already: no step needed
     with pytest.raises(ValueError, match="kl_curve"):
         alignment_verdict([0.1, float("nan")], delta0=0.05, max_steps=3)
+
+
+# ------------------------------------------------------------------------------------------------ alignment losses
+def test_topk_forward_kl_hand_value():
+    # incumbent (0.5, 0.3, 0.2), top-2 = tokens 0, 1, rest 0.2; newcomer uniform: 1/3, 1/3, rest 1/3:
+    # 0.5 ln 1.5 + 0.3 ln 0.9 + 0.2 ln 0.6 = 0.202733 - 0.031608 - 0.102165 = 0.068959
+    top = torch.tensor([[0.5, 0.3]]).log()
+    value = topk_forward_kl(top, torch.tensor([[0, 1]]), torch.zeros(1, 3))
+    assert value.tolist() == pytest.approx([0.068959], abs=1e-5)
+
+
+def test_topk_forward_kl_is_exact_over_the_whole_vocabulary_and_a_lower_bound_below_it():
+    generator = torch.Generator().manual_seed(0)
+    inc, new = (torch.randn(4, 7, 11, generator=generator, dtype=torch.float64) for _ in range(2))
+    log_inc = inc.log_softmax(-1)
+    exact = exact_kl(log_inc, new.log_softmax(-1))
+    order = torch.argsort(torch.rand(4, 7, 11, generator=generator), dim=-1)  # any order of the k = V entries
+    assert torch.allclose(topk_forward_kl(log_inc.gather(-1, order), order, new.double()), exact, atol=1e-6)
+    for k in (1, 3, 10):  # coarse-graining to top-k + rest never raises a KL (data-processing inequality)
+        top_logp, top_ids = log_inc.topk(k, dim=-1)
+        assert bool((topk_forward_kl(top_logp, top_ids, new.double()) <= exact + 1e-9).all()), k
+
+
+def test_distilling_on_the_topk_loss_leaves_only_the_tails_shape_unmatched():
+    """Adam on the top-k loss (k = 4 of 8) drives the loss itself to ~0 and the exact KL(π_inc ‖ π_new) from 1.87 to 0.12.
+    What remains is exactly the part the server never showed: by the chain rule of KL, exact = top-k loss +
+    r_inc·KL(π_inc's tail shape ‖ π_new's tail shape) at every position."""
+    generator = torch.Generator().manual_seed(1)
+    inc = (3.0 * torch.randn(5, 8, generator=generator, dtype=torch.float64)).log_softmax(-1)  # peaked
+    top_logp, top_ids = inc.topk(4, dim=-1)
+    new = torch.randn(5, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    before = exact_kl(inc, new.detach().log_softmax(-1)).mean().item()
+    optimizer = torch.optim.Adam([new], lr=0.1)
+    for _ in range(300):
+        optimizer.zero_grad()
+        topk_forward_kl(top_logp, top_ids, new).mean().backward()
+        optimizer.step()
+    log_new = new.detach().log_softmax(-1)
+    loss, exact = topk_forward_kl(top_logp, top_ids, log_new), exact_kl(inc, log_new)
+    assert before > 1.0 and loss.max().item() < 1e-6 and exact.mean().item() < before / 10, (before, exact.mean())
+    tail = torch.ones_like(inc, dtype=torch.bool).scatter(-1, top_ids, False)
+    tail_inc = inc.masked_fill(~tail, float("-inf")).log_softmax(-1)  # π_inc's tail, renormalized
+    tail_new = log_new.masked_fill(~tail, float("-inf")).log_softmax(-1)
+    rest_inc = inc.masked_fill(~tail, float("-inf")).logsumexp(-1).exp()
+    assert torch.allclose(exact, loss + rest_inc * exact_kl(tail_inc, tail_new), atol=1e-10)
+
+
+def test_message_kl_is_the_exact_kl_in_expectation():
+    """Three possible messages: p = π_inc, q = π_new. The k1 mean over messages drawn from p converges to
+    KL(p ‖ q) = Σ p ln(p/q); its standard error covers the gap."""
+    p, q = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    exact = float((p * (p / q).log()).sum())  # 0.6 ln 3 + 0.3 ln 0.6 + 0.1 ln(1/3) = 0.659167 - 0.153248 - 0.109861
+    assert exact == pytest.approx(0.396058, abs=1e-6)
+    draws = torch.multinomial(p, 20000, replacement=True, generator=torch.Generator().manual_seed(2))
+    estimate, se = message_kl(p.log()[draws], q.log()[draws])
+    assert abs(estimate - exact) < 3 * se and 0 < se < 0.01
+    assert message_kl(torch.tensor([-1.0]), torch.tensor([-3.5])) == (2.5, 0.0)  # one message: no error bar
+    with pytest.raises(ValueError, match="shape"):
+        message_kl(torch.zeros(2), torch.zeros(3))

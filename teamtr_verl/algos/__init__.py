@@ -9,7 +9,7 @@ tensors hold one row per *message* (one agent's response in one turn of one team
   * :mod:`.control`      β controller (verl's adaptive rule, once per update) and the line-search step rule
   * :mod:`.certificate`  per-update gain estimates (paired, importance-sampled), the bound, calibration, Spearman
   * :mod:`.happo`        the HAPPO importance factor (``happo`` schedule)
-  * :mod:`.stage0`       Prop. 3.8 Stage-0 alignment of a replacement agent: geometric-mixture target, stopping rule
+  * :mod:`.stage0`       Prop. 3.8 Stage-0 alignment of a replacement agent: geometric-mixture target, distillation losses, stopping rule
   * :mod:`.checks`       argument checks: every error names the argument and the offending value
 
 ``from teamtr_verl import algos; algos.<name>`` reaches every public name. Bad input raises a ``ValueError`` that
@@ -67,7 +67,9 @@ from teamtr_verl.algos.stage0 import (
     alignment_verdict,
     exact_kl,
     geometric_mixture,
+    message_kl,
     mixture_within,
+    topk_forward_kl,
 )
 from teamtr_verl.defaults import (
     DEFAULT_A_CLIP,
@@ -101,5 +103,6 @@ __all__ = [
     # happo
     "happo_factor",
     # stage0
-    "AlignmentVerdict", "MixtureTarget", "alignment_verdict", "exact_kl", "geometric_mixture", "mixture_within",
+    "AlignmentVerdict", "MixtureTarget", "alignment_verdict", "exact_kl", "geometric_mixture", "message_kl",
+    "mixture_within", "topk_forward_kl",
 ]

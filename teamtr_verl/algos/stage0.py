@@ -11,6 +11,12 @@ stopping rule (docs/paper_map.md). Two pieces here:
   current policy); SAT bounds KL(π_t ‖ π_inc). Both are non-increasing in t (the path is an exponential family with
   natural parameter t, and KL(π_inc ‖ π_t) is convex in t and 0 at t = 1), so bisection finds the smallest t exactly;
   either direction can be chosen with ``direction``.
+* the **alignment losses and monitor**: with a shared vocabulary, the forward KL from the incumbent's top-k
+  log-probabilities (what its vLLM server returns, plus the mass outside them) to the newcomer's logits, per token
+  position (:func:`topk_forward_kl`; a lower bound on KL(π_inc ‖ π_new), exact when k is the whole vocabulary); across vocabularies, the
+  message-level k1 estimate of KL(π_inc ‖ π_new) on messages the incumbent sampled, scored by both models in their
+  own tokens (:func:`message_kl`; its gradient in the newcomer is that of the newcomer's negative log-likelihood of
+  the incumbent's messages, the re-tokenized distillation loss);
 * the **stopping rule** of an alignment: done at the first measured KL ≤ δ₀, refused (with the curve) when the step
   budget is spent first.
 
@@ -117,6 +123,73 @@ def mixture_within(new_logits: torch.Tensor, incumbent_logits: torch.Tensor, del
         lo = torch.where(ok | inside, lo, mid)
     log_probs = geometric_mixture(new_logits, incumbent_logits, hi)
     return MixtureTarget(hi, log_probs, _mixture_kl(new_logits, incumbent_logits, hi, direction))
+
+
+def topk_forward_kl(incumbent_topk_logprobs: torch.Tensor, incumbent_topk_ids: torch.Tensor,
+                    new_logits: torch.Tensor) -> torch.Tensor:
+    """Per position, the forward KL from the incumbent to the newcomer over the incumbent's top-k tokens plus one
+    "rest" bucket: Σ_{a∈K} π_inc(a)·(log π_inc(a) − log π_new(a)) + r_inc·(log r_inc − log r_new), with r the mass
+    each puts outside K. The top-k distillation loss.
+
+    It is the KL of the two distributions coarse-grained to K ∪ {rest}: never above KL(π_inc ‖ π_new) (the
+    data-processing inequality), equal to it when K is the whole vocabulary, and differentiable in ``new_logits``. A
+    server returns only the top-k; the rest bucket makes the newcomer keep the incumbent's tail mass instead of
+    driving it to zero, which renormalizing the top-k would do (and which makes the true forward KL grow without
+    bound on the tail).
+
+    Args:
+        incumbent_topk_logprobs: `(torch.Tensor)` shape (..., k), the incumbent's log-probabilities of its top k
+            tokens at each position, normalized over the whole vocabulary (as vLLM returns them).
+        incumbent_topk_ids: `(torch.Tensor)` int shape (..., k), those tokens' distinct ids in the shared vocabulary.
+        new_logits: `(torch.Tensor)` shape (..., vocab), the newcomer's logits at the same positions.
+
+    Returns:
+        `(torch.Tensor)` shape (...), in ``new_logits``' dtype (float32 at least).
+    """
+    _check_tensor("incumbent_topk_logprobs", incumbent_topk_logprobs)
+    _check_same_shape("incumbent_topk_ids", incumbent_topk_ids, "incumbent_topk_logprobs", incumbent_topk_logprobs)
+    if new_logits.shape[:-1] != incumbent_topk_logprobs.shape[:-1]:
+        raise ValueError(f"new_logits has positions {tuple(new_logits.shape[:-1])}, the incumbent's top-k "
+                         f"{tuple(incumbent_topk_logprobs.shape[:-1])}")
+    dtype = torch.promote_types(new_logits.dtype, torch.float32)
+    ids = incumbent_topk_ids.long()
+    log_inc = incumbent_topk_logprobs.to(dtype)
+    log_new_all = torch.log_softmax(new_logits.to(dtype), dim=-1)
+    log_new = log_new_all.gather(-1, ids)
+    in_top = torch.zeros_like(log_new_all, dtype=torch.bool).scatter(-1, ids, True)
+    log_rest_new = torch.logsumexp(log_new_all.masked_fill(in_top, float("-inf")), dim=-1)
+    rest_inc = (1.0 - log_inc.exp().sum(-1)).clamp(min=0.0)
+    top_terms = (log_inc.exp() * (log_inc - log_new)).sum(-1)
+    # no rest bucket when K is the whole vocabulary (whatever the rounding left in rest_inc); 0·log 0 = 0
+    has_rest = (~in_top).any(dim=-1) & (rest_inc > 0)
+    rest_term = torch.where(has_rest, rest_inc * (rest_inc.clamp(min=1e-30).log() - log_rest_new),
+                            torch.zeros_like(rest_inc))
+    return top_terms + rest_term
+
+
+def message_kl(incumbent_logp: torch.Tensor, new_logp: torch.Tensor) -> tuple[float, float]:
+    """The k1 estimate of KL(π_inc ‖ π_new) over whole messages, and its standard error.
+
+    Each message m was sampled by the incumbent; ``incumbent_logp`` is log π_inc(m|s) summed over the incumbent's
+    tokens, ``new_logp`` log π_new(m|s) summed over the newcomer's tokens of the same text (another tokenizer is
+    fine: both are distributions over the text). The mean of the differences is unbiased for the message-level KL
+    (Eq. 11 with the k1 estimator). Minimizing the newcomer's part, −mean(new_logp), is the re-tokenized
+    likelihood loss.
+
+    Args:
+        incumbent_logp, new_logp: `(torch.Tensor)` shape (messages,).
+
+    Returns:
+        (estimate, standard error) as floats (the error is 0 for a single message).
+    """
+    _check_tensor("incumbent_logp", incumbent_logp)
+    _check_same_shape("new_logp", new_logp, "incumbent_logp", incumbent_logp)
+    if incumbent_logp.ndim != 1 or incumbent_logp.numel() == 0:
+        raise ValueError(f"incumbent_logp must have shape (messages,) with at least one message, got "
+                         f"{tuple(incumbent_logp.shape)}")
+    diff = incumbent_logp.to(torch.float64) - new_logp.to(torch.float64)
+    se = float(diff.std(unbiased=True) / diff.numel() ** 0.5) if diff.numel() > 1 else 0.0
+    return float(diff.mean()), se
 
 
 @dataclass(frozen=True)
