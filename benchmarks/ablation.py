@@ -74,7 +74,10 @@ def summarize_run(rows: dict[int, dict], names: tuple[str, ...]) -> dict:
         "negative": sum(d.get("teamtr/stage/negative_gains", 0) for d in stages),
         "measured": sum(d.get("teamtr/stage/gain_measurements", 0) for d in stages),
         "full_step_outside": sum(d.get(f"teamtr/{n}/out_of_region", 0) for d in stages for n in names) / updates,
-        "committed_outside": sum(d.get("teamtr/stage/out_of_region", 0) for d in stages),
+        # the line search commits only KL <= delta: a count above 0 is a bug (teamtr/stage/out_of_region counts the
+        # full steps, before the line search)
+        "committed_outside": sum(d.get(f"teamtr/{n}/committed", 0) == 1.0 and d[f"teamtr/{n}/kl"] > d[f"teamtr/{n}/delta"]
+                                 for d in stages for n in names),
         "episodes": sum(d["teamtr/stage/episodes"] for d in stages),
         "stage_s": statistics.median(d["timing_s/step"] for d in stages[1:]),
     }
