@@ -55,6 +55,18 @@ def replicas_per_agent(config: DictConfig, n_devices: int) -> int:
     return n_devices // per_replica
 
 
+def colocate_count(team: TeamConfig) -> int:
+    """Processes a device bundle may host (verl's ``max_colocate_count``): one agent's worker in ``split`` (verl's
+    default slack of 3), every agent's worker plus one in ``colocate``."""
+    return 3 if team.placement == "split" else max(3, len(team.agents) + 1)
+
+
+def bundle_cpus_per_node(config: DictConfig, team: TeamConfig) -> int:
+    """Logical CPUs verl's placement group asks of each node: ``max_colocate_count`` per device bundle, and a node's
+    bundles packed on that node (STRICT_PACK). Ray waits forever, without a message, for a group that cannot fit."""
+    return config.trainer.n_gpus_per_node * colocate_count(team)
+
+
 def replica_rank_offsets(config: DictConfig, team: TeamConfig) -> dict[str, int]:
     """First global replica rank of each agent: the replica counts of the agents before it, in team order."""
     offsets, next_rank = {}, 0
@@ -123,8 +135,9 @@ def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_r
         [config.trainer.n_gpus_per_node] * config.trainer.nnodes,
         use_gpu=True,
         name_prefix="teamtr_",
-        max_colocate_count=max(3, len(team.agents) + 1),
+        max_colocate_count=colocate_count(team),
     )
+    _check_bundles_fit(config, team)
     if team.placement == "split":
         pools = dict(zip(team.agent_names, split_resource_pool(global_pool, [a.n_devices for a in team.agents])))
     else:
@@ -165,6 +178,21 @@ def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_r
         stacks[agent.name] = AgentStack(agent.name, agent_config, worker_group, server_manager, checkpoint_manager, offset)
     check_server_names(config, team)
     return stacks
+
+
+def _check_bundles_fit(config: DictConfig, team: TeamConfig) -> None:
+    """Refuse, naming the numbers, a placement group that no node can hold (instead of Ray's silent wait)."""
+    from ray._private import state  # DeveloperAPI (ray 2.x), as the watchdog's actor table
+
+    need = bundle_cpus_per_node(config, team)
+    free = [resources.get("CPU", 0.0) for resources in state.available_resources_per_node().values()]
+    fitting = sum(1 for cpus in free if cpus >= need)
+    if fitting < config.trainer.nnodes:
+        raise RuntimeError(
+            f"teamtr: verl's placement group asks {need} logical CPUs on each of {config.trainer.nnodes} node(s) "
+            f"(trainer.n_gpus_per_node={config.trainer.n_gpus_per_node} bundles x {colocate_count(team)} for "
+            f"teamtr.placement={team.placement!r}), but only {fitting} node(s) have that many free (free CPUs per node: "
+            f"{sorted(free, reverse=True)}): raise ray_kwargs.ray_init.num_cpus, or use fewer devices per node")
 
 
 def check_server_names(config: DictConfig, team: TeamConfig) -> None:

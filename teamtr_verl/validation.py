@@ -70,6 +70,7 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
                               "prompt per update")
     validate_placement(team, config.trainer.n_gpus_per_node * config.trainer.nnodes)
     validate_micro_batches(config, team)
+    validate_ray_cpus(config, team)
     for index, agent in enumerate(team.agents):
         cap = agent.sampling.max_new_tokens
         if cap is not None and cap > rollout.response_length:
@@ -101,6 +102,27 @@ def validate_chat_templates(config: DictConfig, team: TeamConfig) -> None:
         except Exception as error:  # any template failure (syntax, undefined name, raise_exception) is the user's
             raise TeamConfigError(f"{key}={shown} does not render a probe chat with agent {agent.name!r}'s "
                                   f"tokenizer: {type(error).__name__}: {error}") from None
+
+
+# Logical CPUs taken before verl places the team's workers: TransferQueue's controller and storage unit, 1 each.
+RAY_CPUS_BEFORE_PLACEMENT = 2
+
+
+def validate_ray_cpus(config: DictConfig, team: TeamConfig) -> None:
+    """With a fixed ``ray_kwargs.ray_init.num_cpus`` (the CPU runtime's), the team's placement group must fit in it:
+    Ray would wait for it forever (one node; several nodes bring their own CPUs and are checked once Ray is up)."""
+    from teamtr_verl.topology import bundle_cpus_per_node, colocate_count
+
+    num_cpus = (config.get("ray_kwargs") or {}).get("ray_init", {}).get("num_cpus")
+    if num_cpus is None or config.trainer.nnodes != 1:
+        return
+    need = bundle_cpus_per_node(config, team) + RAY_CPUS_BEFORE_PLACEMENT
+    if need > num_cpus:
+        raise TeamConfigError(
+            f"ray_kwargs.ray_init.num_cpus={num_cpus} is too few for this team: verl's placement group asks "
+            f"trainer.n_gpus_per_node={config.trainer.n_gpus_per_node} x {colocate_count(team)} logical CPUs "
+            f"(teamtr.placement={team.placement!r}), plus {RAY_CPUS_BEFORE_PLACEMENT} for TransferQueue: set it to at "
+            f"least {need}")
 
 
 def validate_micro_batches(config: DictConfig, team: TeamConfig) -> None:

@@ -8,7 +8,13 @@ import pytest
 from teamtr_verl.config import TeamConfig
 from teamtr_verl.fixtures import build_tiny_model
 from teamtr_verl.rollout import CONFIG_DIR, compose
-from teamtr_verl.topology import agent_trainer_config, expected_server_names, replica_rank_offsets
+from teamtr_verl.topology import (
+    _check_bundles_fit,
+    agent_trainer_config,
+    bundle_cpus_per_node,
+    expected_server_names,
+    replica_rank_offsets,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +81,23 @@ def test_a_frozen_agents_servers_load_its_model_from_disk(model_dirs):
     assert trained.actor_rollout_ref.rollout.load_format == config.actor_rollout_ref.rollout.load_format == "dummy"
     assert team.trained_names == ("a0", "a1")
     assert expected_server_names(config, team)["a2"] == ["vllm_server_3_0"]  # its replica ranks follow a0's and a1's
+
+
+def test_a_placement_group_no_node_can_hold_is_refused_not_waited_for(model_dirs, monkeypatch):
+    """verl asks max_colocate_count logical CPUs per device bundle, a node's bundles packed on it: split 3 per device
+    (one agent's worker each), colocate one per agent plus one. Ray would wait for a group that cannot fit forever."""
+    from ray._private import state
+
+    split, colocate = compose_team(model_dirs), compose_team(model_dirs, placement="colocate", gpus=4)
+    team_split, team_colocate = TeamConfig.from_config(split.teamtr), TeamConfig.from_config(colocate.teamtr)
+    assert bundle_cpus_per_node(split, team_split) == 4 * 3  # 4 devices x 3, whatever the team's size
+    assert bundle_cpus_per_node(colocate, team_colocate) == 4 * max(3, 3 + 1)
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: {"n1": {"CPU": 14.0, "GPU": 4.0}})
+    _check_bundles_fit(split, team_split)  # 12 <= 14
+    with pytest.raises(RuntimeError, match=r"asks 16 logical CPUs on each of 1 node\(s\) \(trainer.n_gpus_per_node=4 "
+                                           r"bundles x 4 for teamtr.placement='colocate'\), but only 0 node\(s\) have "
+                                           r"that many free \(free CPUs per node: \[14.0\]\)"):
+        _check_bundles_fit(colocate, team_colocate)
 
 
 @pytest.mark.parametrize("override, expected", [

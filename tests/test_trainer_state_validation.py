@@ -374,6 +374,23 @@ def test_an_agents_chat_template_must_render_before_ray_starts(good_config, temp
     validate_teamtr_config(config)
 
 
+def test_the_team_must_fit_the_cpu_runtimes_logical_cpus(good_config):
+    """teamtr_tiny_cpu fixes ray_init.num_cpus=16: 4 split devices ask 4 x 3 = 12 (+2 for TransferQueue) and fit;
+    6 ask 18 + 2 = 20 and would leave verl's placement group waiting forever."""
+    config = copy.deepcopy(good_config)
+    assert config.ray_kwargs.ray_init.num_cpus == 16
+    OmegaConf.update(config, "trainer.n_gpus_per_node", 4)
+    validate_teamtr_config(config)
+    OmegaConf.update(config, "trainer.n_gpus_per_node", 6)
+    with pytest.raises(TeamConfigError, match=r"^ray_kwargs.ray_init.num_cpus=16 is too few for this team: verl's "
+                                              r"placement group asks trainer.n_gpus_per_node=6 x 3 logical CPUs "
+                                              r"\(teamtr.placement='split'\), plus 2 for TransferQueue: set it to at "
+                                              r"least 20$"):
+        validate_teamtr_config(config)
+    OmegaConf.update(config, "ray_kwargs.ray_init.num_cpus", 20)
+    validate_teamtr_config(config)
+
+
 def test_resample_every_needs_schedule_teamtr(good_config):
     config = copy.deepcopy(good_config)
     OmegaConf.update(config, "teamtr.schedule", "stale")
