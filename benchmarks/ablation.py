@@ -49,8 +49,9 @@ def run_one(task: str, out: Path, n_agents: int, seed: int, schedule: str, stage
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={prompts // 2 * 8}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={prompts // 2 * 8}",
         f"trainer.default_local_dir={out / 'ckpt'}", f"trainer.experiment_name=ablation_{task}_n{n_agents}_s{seed}_{schedule}",
-        # split placement asks 3 logical CPUs per device (+2 for TransferQueue): beyond the CPU runtime's 16 at N >= 5
-        *([f"ray_kwargs.ray_init.num_cpus={3 * n_agents + 2}"] if n_agents >= 5 else []),
+        # split placement asks 3 logical CPUs per device, +2 for TransferQueue, +1 spare (validation.validate_ray_cpus):
+        # beyond the CPU runtime's 16 at N >= 5
+        *([f"ray_kwargs.ray_init.num_cpus={3 * n_agents + 3}"] if n_agents >= 5 else []),
     ], f"{task} n={n_agents} seed={seed} {schedule}")
 
 

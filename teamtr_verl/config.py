@@ -109,8 +109,9 @@ class SamplingSpec:
 
     ``temperature`` also reaches the agent's actor (its log-probs divide the logits by it, as vLLM's did), so a
     trained agent's temperature must be > 0. ``max_new_tokens`` caps the agent's messages below
-    ``actor_rollout_ref.rollout.response_length``; generation stops at any of ``stop`` (vLLM's stop strings, which
-    are left out of the message)."""
+    ``actor_rollout_ref.rollout.response_length``; generation stops at any of ``stop`` (vLLM's stop strings). vLLM
+    trims a stop string from its text only: the message keeps the tokens that completed it (they were sampled, and
+    are trained on), so the transcript and the reward see it."""
 
     temperature: Optional[float] = None
     top_p: Optional[float] = None

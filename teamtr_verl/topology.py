@@ -184,14 +184,18 @@ def _check_bundles_fit(config: DictConfig, team: TeamConfig) -> None:
     """Refuse, naming the numbers, a placement group that no node can hold (instead of Ray's silent wait)."""
     from ray._private import state  # DeveloperAPI (ray 2.x), as the watchdog's actor table
 
-    need = bundle_cpus_per_node(config, team)
+    from teamtr_verl.validation import RAY_SPARE_CPUS
+
+    # one spare: the vLLM servers and verl's loop workers need a free CPU to be placed after the group
+    need = bundle_cpus_per_node(config, team) + RAY_SPARE_CPUS
     free = [resources.get("CPU", 0.0) for resources in state.available_resources_per_node().values()]
     fitting = sum(1 for cpus in free if cpus >= need)
     if fitting < config.trainer.nnodes:
         raise RuntimeError(
-            f"teamtr: verl's placement group asks {need} logical CPUs on each of {config.trainer.nnodes} node(s) "
-            f"(trainer.n_gpus_per_node={config.trainer.n_gpus_per_node} bundles x {colocate_count(team)} for "
-            f"teamtr.placement={team.placement!r}), but only {fitting} node(s) have that many free (free CPUs per node: "
+            f"teamtr: verl's placement group asks {need - RAY_SPARE_CPUS} logical CPUs on each of "
+            f"{config.trainer.nnodes} node(s) (trainer.n_gpus_per_node={config.trainer.n_gpus_per_node} bundles x "
+            f"{colocate_count(team)} for teamtr.placement={team.placement!r}) and {RAY_SPARE_CPUS} more must stay "
+            f"free to place the servers, but only {fitting} node(s) have {need} free (free CPUs per node: "
             f"{sorted(free, reverse=True)}): raise ray_kwargs.ray_init.num_cpus, or use fewer devices per node")
 
 

@@ -84,19 +84,27 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
 
 
 def validate_chat_templates(config: DictConfig, team: TeamConfig) -> None:
-    """An agent's own chat template or template kwargs must render a probe conversation with its tokenizer: a
-    template error would otherwise surface in the first episode, after the cluster started."""
+    """Every agent whose prompt rendering is configured (its own template or kwargs, or verl's
+    ``data.apply_chat_template_kwargs``, which apply to every agent's turns) must render a probe chat with its
+    tokenizer: a template error would otherwise surface in the first episode, after the cluster started."""
     from transformers import AutoTokenizer
 
     from teamtr_verl.team_logic import render_prompt
 
-    probe = [{"role": "system", "content": "probe role"}, {"role": "user", "content": "probe task"}]
+    data_kwargs = dict(config.data.get("apply_chat_template_kwargs") or {})
     for index, agent in enumerate(team.agents):
-        if agent.chat_template is None and not agent.chat_template_kwargs:
+        if agent.chat_template is None and not agent.chat_template_kwargs and not data_kwargs:
             continue
-        key = f"teamtr.agents[{index}]." + ("chat_template" if agent.chat_template is not None else "chat_template_kwargs")
-        value = agent.chat_template if agent.chat_template is not None else agent.chat_template_kwargs
+        if agent.chat_template is not None:
+            key, value = f"teamtr.agents[{index}].chat_template", agent.chat_template
+        elif agent.chat_template_kwargs:
+            key, value = f"teamtr.agents[{index}].chat_template_kwargs", agent.chat_template_kwargs
+        else:
+            key, value = "data.apply_chat_template_kwargs", data_kwargs
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        # the messages the agent's turns carry: a system message only with a role prompt
+        probe = ([{"role": "system", "content": agent.role_prompt}] if agent.role_prompt else []) + [
+            {"role": "user", "content": "probe task"}]
         try:
             render_prompt(AutoTokenizer.from_pretrained(agent.model), agent, probe, config.data)
         except Exception as error:  # any template failure (syntax, undefined name, raise_exception) is the user's
@@ -104,8 +112,15 @@ def validate_chat_templates(config: DictConfig, team: TeamConfig) -> None:
                                   f"tokenizer: {type(error).__name__}: {error}") from None
 
 
-# Logical CPUs taken before verl places the team's workers: TransferQueue's controller and storage unit, 1 each.
-RAY_CPUS_BEFORE_PLACEMENT = 2
+# One logical CPU kept free beyond the placement group: actors created without resource options (the vLLM servers,
+# verl's agent-loop and reward-loop workers) need one free CPU to be placed, then hold none.
+RAY_SPARE_CPUS = 1
+
+
+def transfer_queue_cpus(config: DictConfig) -> int:
+    """Logical CPUs TransferQueue's actors hold before verl places the team: its controller and each storage unit."""
+    simple = (((config.get("transfer_queue") or {}).get("backend") or {}).get("SimpleStorage") or {})
+    return 1 + int(simple.get("num_data_storage_units", 8))  # 8: TransferQueue's default
 
 
 def validate_ray_cpus(config: DictConfig, team: TeamConfig) -> None:
@@ -116,13 +131,14 @@ def validate_ray_cpus(config: DictConfig, team: TeamConfig) -> None:
     num_cpus = (config.get("ray_kwargs") or {}).get("ray_init", {}).get("num_cpus")
     if num_cpus is None or config.trainer.nnodes != 1:
         return
-    need = bundle_cpus_per_node(config, team) + RAY_CPUS_BEFORE_PLACEMENT
+    queue = transfer_queue_cpus(config)
+    need = bundle_cpus_per_node(config, team) + queue + RAY_SPARE_CPUS
     if need > num_cpus:
         raise TeamConfigError(
             f"ray_kwargs.ray_init.num_cpus={num_cpus} is too few for this team: verl's placement group asks "
             f"trainer.n_gpus_per_node={config.trainer.n_gpus_per_node} x {colocate_count(team)} logical CPUs "
-            f"(teamtr.placement={team.placement!r}), plus {RAY_CPUS_BEFORE_PLACEMENT} for TransferQueue: set it to at "
-            f"least {need}")
+            f"(teamtr.placement={team.placement!r}), plus {queue} for TransferQueue and {RAY_SPARE_CPUS} to place the "
+            f"servers and loop workers: set it to at least {need}")
 
 
 def validate_micro_batches(config: DictConfig, team: TeamConfig) -> None:

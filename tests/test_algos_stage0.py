@@ -97,6 +97,15 @@ def test_topk_forward_kl_hand_value():
     assert value.tolist() == pytest.approx([0.068959], abs=1e-5)
 
 
+def test_topk_forward_kl_edge_cases():
+    # a top-k entry of probability 0 (log-prob -inf) contributes 0, not NaN: (0.5, 0.5, 0) vs uniform = ln 1.5
+    top = torch.tensor([[0.5, 0.5, 0.0]]).log()
+    assert topk_forward_kl(top, torch.tensor([[0, 1, 2]]), torch.zeros(1, 3)).tolist() == pytest.approx(
+        [math.log(1.5)], abs=1e-6)
+    with pytest.raises(ValueError, match="distinct"):
+        topk_forward_kl(torch.tensor([[0.5, 0.3]]).log(), torch.tensor([[1, 1]]), torch.zeros(1, 3))
+
+
 def test_topk_forward_kl_is_exact_over_the_whole_vocabulary_and_a_lower_bound_below_it():
     generator = torch.Generator().manual_seed(0)
     inc, new = (torch.randn(4, 7, 11, generator=generator, dtype=torch.float64) for _ in range(2))

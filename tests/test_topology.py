@@ -93,11 +93,15 @@ def test_a_placement_group_no_node_can_hold_is_refused_not_waited_for(model_dirs
     assert bundle_cpus_per_node(split, team_split) == 4 * 3  # 4 devices x 3, whatever the team's size
     assert bundle_cpus_per_node(colocate, team_colocate) == 4 * max(3, 3 + 1)
     monkeypatch.setattr(state, "available_resources_per_node", lambda: {"n1": {"CPU": 14.0, "GPU": 4.0}})
-    _check_bundles_fit(split, team_split)  # 12 <= 14
+    _check_bundles_fit(split, team_split)  # 12 + 1 spare <= 14
     with pytest.raises(RuntimeError, match=r"asks 16 logical CPUs on each of 1 node\(s\) \(trainer.n_gpus_per_node=4 "
-                                           r"bundles x 4 for teamtr.placement='colocate'\), but only 0 node\(s\) have "
-                                           r"that many free \(free CPUs per node: \[14.0\]\)"):
+                                           r"bundles x 4 for teamtr.placement='colocate'\) and 1 more must stay free to "
+                                           r"place the servers, but only 0 node\(s\) have 17 free \(free CPUs per "
+                                           r"node: \[14.0\]\)"):
         _check_bundles_fit(colocate, team_colocate)
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: {"n1": {"CPU": 12.0}})
+    with pytest.raises(RuntimeError, match="only 0 node"):  # exactly the group, no spare: the servers would wait
+        _check_bundles_fit(split, team_split)
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -374,21 +374,48 @@ def test_an_agents_chat_template_must_render_before_ray_starts(good_config, temp
     validate_teamtr_config(config)
 
 
+def test_verls_data_template_kwargs_are_probed_for_every_agent(good_config):
+    """data.apply_chat_template_kwargs apply to every agent's turns: a template given there is rendered for each agent
+    before Ray starts; a template that refuses system messages is fine for an agent without a role prompt."""
+    config = copy.deepcopy(good_config)
+    OmegaConf.update(config, "data.apply_chat_template_kwargs", {"chat_template": "{{ messages[0].content }"},
+                     force_add=True)
+    with pytest.raises(TeamConfigError, match=r"^data.apply_chat_template_kwargs=\{'chat_template': .* does not render "
+                                              r"a probe chat with agent 'alice''s tokenizer: TemplateSyntaxError"):
+        validate_teamtr_config(config)
+    no_system = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+                 "{% endif %}{{ m.content }}{% endfor %}")
+    OmegaConf.update(config, "data.apply_chat_template_kwargs", {"chat_template": no_system})
+    validate_teamtr_config(config)  # alice and bob have no role prompt here
+    OmegaConf.update(config, "teamtr.agents.1.role_prompt", "You check.", force_add=True)
+    with pytest.raises(TeamConfigError, match="agent 'bob''s tokenizer: TemplateError: no system role"):
+        validate_teamtr_config(config)
+
+
 def test_the_team_must_fit_the_cpu_runtimes_logical_cpus(good_config):
-    """teamtr_tiny_cpu fixes ray_init.num_cpus=16: 4 split devices ask 4 x 3 = 12 (+2 for TransferQueue) and fit;
-    6 ask 18 + 2 = 20 and would leave verl's placement group waiting forever."""
+    """teamtr_tiny_cpu fixes ray_init.num_cpus=16 and one TransferQueue storage unit: 4 split devices ask 4 x 3 = 12,
+    + 2 for TransferQueue (controller, storage unit), + 1 spare to place the servers = 15, and fit; 6 ask 18 + 3 = 21
+    and would leave verl's placement group or the servers waiting forever."""
     config = copy.deepcopy(good_config)
     assert config.ray_kwargs.ray_init.num_cpus == 16
+    assert config.transfer_queue.backend.SimpleStorage.num_data_storage_units == 1
     OmegaConf.update(config, "trainer.n_gpus_per_node", 4)
     validate_teamtr_config(config)
     OmegaConf.update(config, "trainer.n_gpus_per_node", 6)
     with pytest.raises(TeamConfigError, match=r"^ray_kwargs.ray_init.num_cpus=16 is too few for this team: verl's "
                                               r"placement group asks trainer.n_gpus_per_node=6 x 3 logical CPUs "
-                                              r"\(teamtr.placement='split'\), plus 2 for TransferQueue: set it to at "
-                                              r"least 20$"):
+                                              r"\(teamtr.placement='split'\), plus 2 for TransferQueue and 1 to place "
+                                              r"the servers and loop workers: set it to at least 21$"):
         validate_teamtr_config(config)
     OmegaConf.update(config, "ray_kwargs.ray_init.num_cpus", 20)
+    with pytest.raises(TeamConfigError, match="at least 21"):
+        validate_teamtr_config(config)
+    OmegaConf.update(config, "ray_kwargs.ray_init.num_cpus", 21)
     validate_teamtr_config(config)
+    # TransferQueue's default of 8 storage units holds 9 CPUs before the team is placed
+    OmegaConf.update(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", 8)
+    with pytest.raises(TeamConfigError, match="plus 9 for TransferQueue .* at least 28"):
+        validate_teamtr_config(config)
 
 
 def test_resample_every_needs_schedule_teamtr(good_config):

@@ -15,8 +15,8 @@ stopping rule (docs/paper_map.md). Two pieces here:
   log-probabilities (what its vLLM server returns, plus the mass outside them) to the newcomer's logits, per token
   position (:func:`topk_forward_kl`; a lower bound on KL(π_inc ‖ π_new), exact when k is the whole vocabulary); across vocabularies, the
   message-level k1 estimate of KL(π_inc ‖ π_new) on messages the incumbent sampled, scored by both models in their
-  own tokens (:func:`message_kl`; its gradient in the newcomer is that of the newcomer's negative log-likelihood of
-  the incumbent's messages, the re-tokenized distillation loss);
+  own tokens (:func:`message_kl`, a monitor; the matching loss is the newcomer's negative log-likelihood of the
+  incumbent's re-tokenized messages, −mean(new_logp), whose minimizer is the same);
 * the **stopping rule** of an alignment: done at the first measured KL ≤ δ₀, refused (with the curve) when the step
   budget is spent first.
 
@@ -148,6 +148,9 @@ def topk_forward_kl(incumbent_topk_logprobs: torch.Tensor, incumbent_topk_ids: t
     """
     _check_tensor("incumbent_topk_logprobs", incumbent_topk_logprobs)
     _check_same_shape("incumbent_topk_ids", incumbent_topk_ids, "incumbent_topk_logprobs", incumbent_topk_logprobs)
+    ordered = incumbent_topk_ids.long().sort(dim=-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("incumbent_topk_ids repeats a token at some position: the top-k ids must be distinct")
     if new_logits.shape[:-1] != incumbent_topk_logprobs.shape[:-1]:
         raise ValueError(f"new_logits has positions {tuple(new_logits.shape[:-1])}, the incumbent's top-k "
                          f"{tuple(incumbent_topk_logprobs.shape[:-1])}")
@@ -159,7 +162,8 @@ def topk_forward_kl(incumbent_topk_logprobs: torch.Tensor, incumbent_topk_ids: t
     in_top = torch.zeros_like(log_new_all, dtype=torch.bool).scatter(-1, ids, True)
     log_rest_new = torch.logsumexp(log_new_all.masked_fill(in_top, float("-inf")), dim=-1)
     rest_inc = (1.0 - log_inc.exp().sum(-1)).clamp(min=0.0)
-    top_terms = (log_inc.exp() * (log_inc - log_new)).sum(-1)
+    p_inc = log_inc.exp()
+    top_terms = torch.where(p_inc > 0, p_inc * (log_inc - log_new), torch.zeros_like(p_inc)).sum(-1)  # 0·log 0 = 0
     # no rest bucket when K is the whole vocabulary (whatever the rounding left in rest_inc); 0·log 0 = 0
     has_rest = (~in_top).any(dim=-1) & (rest_inc > 0)
     rest_term = torch.where(has_rest, rest_inc * (rest_inc.clamp(min=1e-30).log() - log_rest_new),
@@ -171,10 +175,12 @@ def message_kl(incumbent_logp: torch.Tensor, new_logp: torch.Tensor) -> tuple[fl
     """The k1 estimate of KL(π_inc ‖ π_new) over whole messages, and its standard error.
 
     Each message m was sampled by the incumbent; ``incumbent_logp`` is log π_inc(m|s) summed over the incumbent's
-    tokens, ``new_logp`` log π_new(m|s) summed over the newcomer's tokens of the same text (another tokenizer is
-    fine: both are distributions over the text). The mean of the differences is unbiased for the message-level KL
-    (Eq. 11 with the k1 estimator). Minimizing the newcomer's part, −mean(new_logp), is the re-tokenized
-    likelihood loss.
+    tokens (its end-of-message token included), ``new_logp`` log π_new(m|s) summed over the newcomer's tokens of the
+    same text, its own end-of-message token included. The mean of the differences is unbiased for the message-level
+    KL (Eq. 11 with the k1 estimator) when both are the texts' probabilities; across tokenizers ``new_logp`` is
+    scored on one tokenization of the text, which ignores the others the newcomer could have produced, so it is a
+    lower bound on the text's log-probability and the estimate errs upward (conservative for a δ₀ check). A monitor
+    (floats, no gradient): the loss that moves the newcomer toward the incumbent is −mean(new_logp).
 
     Args:
         incumbent_logp, new_logp: `(torch.Tensor)` shape (messages,).
