@@ -282,8 +282,9 @@ def render_prompt(tokenizer, agent: AgentSpec, chat: list[dict], data_config) ->
     """An agent's prompt token ids: its chat template (its own, or ``agent.chat_template``) on ``chat`` with the
     generation prompt, under verl's ``data.apply_chat_template_kwargs`` overridden by the agent's own."""
     kwargs = {**dict(data_config.get("apply_chat_template_kwargs") or {}), **agent.chat_template_kwargs}
-    template = agent.chat_template if agent.chat_template is not None else kwargs.pop("chat_template", None)
-    kwargs.pop("chat_template", None)  # the agent's own template wins over one given as a keyword
+    template = kwargs.pop("chat_template", None)
+    if agent.chat_template is not None:  # the agent's own template wins over one given as a keyword
+        template = agent.chat_template
     return list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False,
                                               chat_template=template, **kwargs))
 
