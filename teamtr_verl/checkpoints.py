@@ -87,6 +87,24 @@ def latest(root: str | Path) -> Optional[Path]:
     return None
 
 
+def resume_folder(trainer) -> Optional[str]:
+    """The folder a run resumes from, or None, under verl's ``trainer.resume_mode`` semantics (``trainer`` is the
+    ``trainer`` block; ``auto``: the last committed folder under ``default_local_dir``; relative paths are taken
+    from the working directory, as verl does)."""
+    mode = trainer.resume_mode
+    if mode == "disable":
+        return None
+    if mode == "auto":
+        root = trainer.default_local_dir
+        root = root if os.path.isabs(root) else os.path.join(os.getcwd(), root)
+        folder = latest(root)
+        return None if folder is None else str(folder)
+    if mode == "resume_path":
+        path = trainer.resume_from_path
+        return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    raise ValueError(f"trainer.resume_mode={mode!r} is not valid: choose one of auto, disable, resume_path")
+
+
 def collect_garbage(root: str | Path, keep_stage_ends: Optional[int], referenced: Iterable[str]) -> list[str]:
     """Remove scratch folders, in-stage folders that nothing references and stage ends beyond the newest
     ``keep_stage_ends`` (None: keep all). ``referenced``: folder names the latest checkpoint needs. Returns the

@@ -22,6 +22,8 @@ Shape (YAML)::
       placement: split        # split | colocate
       delta: 0.01             # default KL radius δ > 0
       beta_init: 0.1          # default initial β > 0
+      replace: null           # on resume: {agent: NAME, model: /new/dir, method: direct, chat_template: null,
+                              # chat_template_kwargs: null}: swap that agent's model, keep the rest of the team
 
 :meth:`TeamConfig.from_config` raises :class:`TeamConfigError` on the first problem, with a message that names the
 dotted key, the offending value and what would be valid. The known keys of each level are the fields of its
@@ -48,6 +50,8 @@ __all__ = [
     "ValSamplingSpec",
     "RouterSpec",
     "HandoffSpec",
+    "ReplaceSpec",
+    "REPLACE_METHODS",
     "TeamConfig",
     "ROUTER_KINDS",
     "PLACEMENTS",
@@ -85,6 +89,9 @@ ANSWER_LAST = "last"
 RESERVED_AGENT_NAMES = ("stage", ANSWER_LAST)
 AGENT_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 _AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
+# How teamtr.replace brings the incoming model in: `direct` loads it as is (the paper's direct swap). The Stage-0
+# aligned swap (issue #13) is not built yet: its math is in algos/stage0.py.
+REPLACE_METHODS = ("direct",)
 
 
 class TeamConfigError(ValueError):
@@ -176,6 +183,24 @@ class CertificateSpec:
 
 
 @dataclass(frozen=True)
+class ReplaceSpec:
+    """``teamtr.replace``: resume a run with agent ``agent``'s model swapped for ``model``.
+
+    ``incumbent`` is the model the agent was configured with (``teamtr.agents[i].model``): the one the checkpoint's
+    weights were trained from. In :class:`TeamConfig` the agent's spec already carries the new model (and the
+    optional chat-template override), so every consumer (topology, agent loop, validation) sees the team after the
+    swap; only the resume check (:meth:`teamtr_verl.state.TeamTRState.resolve_replacement`) needs the incumbent.
+    """
+
+    agent: str
+    model: str
+    incumbent: str
+    method: str = "direct"
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict] = field(default=None, hash=False)
+
+
+@dataclass(frozen=True)
 class TeamConfig:
     agents: tuple[AgentSpec, ...]
     router: RouterSpec = RouterSpec()
@@ -201,6 +226,7 @@ class TeamConfig:
     certificate: CertificateSpec = CertificateSpec()
     on_nonfinite: str = "error"  # a non-finite loss, KL or grad norm: stop (error) or skip the update and count it
     save_every_update: bool = False  # checkpoint after each update that the next one regenerates for, and every stage
+    replace: Optional[ReplaceSpec] = None  # on resume: one agent's model swapped (agents already show the new one)
 
     def regenerates_before(self, update_index: int) -> bool:
         """Whether the team's rollouts are regenerated before the ``update_index``-th agent update of a stage."""
@@ -392,10 +418,58 @@ def _parse_team(block: Any, prefix: str, check_paths: bool) -> TeamConfig:
         raise _fail(f"{prefix}.placement", placement, f"is not valid: choose one of {', '.join(PLACEMENTS)}")
     delta = _positive(block.get("delta", TeamConfig.delta), f"{prefix}.delta")
     beta_init = _positive(block.get("beta_init", TeamConfig.beta_init), f"{prefix}.beta_init")
+    replace = None
+    if block.get("replace") is not None:
+        replace = _parse_replace(block["replace"], f"{prefix}.replace", agents, check_paths)
+        agents = [_swapped(agent, replace) if agent.name == replace.agent else agent for agent in agents]
     return TeamConfig(
         agents=tuple(agents), router=router, handoff=handoff, placement=placement, delta=delta, beta_init=beta_init,
-        **_parse_stage_loop(block, prefix),
+        replace=replace, **_parse_stage_loop(block, prefix),
     )
+
+
+def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: bool) -> ReplaceSpec:
+    entry = _mapping(entry, key)
+    known = [name for name in _known_keys(ReplaceSpec) if name != "incumbent"]  # that one is agents[i].model
+    for name in entry:
+        if name not in known:
+            raise TeamConfigError(f"{key}.{name} is not a known key: known keys are {', '.join(known)}")
+    names = [agent.name for agent in agents]
+    name = entry.get("agent")
+    if name not in names:
+        raise _fail(f"{key}.agent", name, f"is not an agent of the team: choose one of {', '.join(names)}")
+    incumbent = next(agent.model for agent in agents if agent.name == name)
+    if entry.get("model") is None:
+        raise TeamConfigError(f"{key}.model is missing: give the incoming model's local directory")
+    model = _string(entry["model"], f"{key}.model")
+    if os.path.normpath(model) == os.path.normpath(incumbent):
+        raise _fail(f"{key}.model", model, f"is already the model of agent {name!r} (teamtr.agents["
+                                           f"{names.index(name)}].model): give another model, or remove "
+                                           "teamtr.replace")
+    if check_paths:
+        _check_model_dir(model, f"{key}.model")
+    method = entry.get("method", ReplaceSpec.method)
+    if method not in REPLACE_METHODS:
+        raise _fail(f"{key}.method", method, f"is not valid: choose one of {', '.join(REPLACE_METHODS)} (the "
+                                             "Stage-0 aligned swap is not built yet)")
+    template = entry.get("chat_template")
+    return ReplaceSpec(
+        agent=name, model=model, incumbent=incumbent, method=method,
+        chat_template=None if template is None else _string(template, f"{key}.chat_template"),
+        chat_template_kwargs=(None if entry.get("chat_template_kwargs") is None else copy.deepcopy(
+            _mapping(entry["chat_template_kwargs"], f"{key}.chat_template_kwargs"))),
+    )
+
+
+def _swapped(agent: AgentSpec, replace: ReplaceSpec) -> AgentSpec:
+    """The agent as it is after the swap: the new model, the team's role prompt, sampling and handoff format
+    (the paper's protocol unification), and the replacement's own chat template where it gives one."""
+    changes: dict = {"model": replace.model}
+    if replace.chat_template is not None:
+        changes["chat_template"] = replace.chat_template
+    if replace.chat_template_kwargs is not None:
+        changes["chat_template_kwargs"] = copy.deepcopy(replace.chat_template_kwargs)
+    return dataclasses.replace(agent, **changes)
 
 
 def _choice(block: Mapping, name: str, choices: Sequence[str], prefix: str) -> str:

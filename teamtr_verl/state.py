@@ -41,6 +41,8 @@ class TeamTRState:
         gain_pairs: [summed bound, paired gain] of the committed updates between two regenerations of the same
             prompts (one update under ``teamtr``; a whole stage under ``stale``/``happo``): the certificate's
             calibration and rank correlation are computed over these.
+        replacements: one dict per agent swapped by ``teamtr.replace`` (stage after which it happened, agent, from,
+            to, method), in order.
         cursor: None at a stage end; inside stage S: ``{"stage": S, "order": [...], "done": U, "metrics": {...},
             "agent_dirs": {agent: "<folder>/<agent>"}}`` (folders relative to the checkpoint root).
     """
@@ -54,6 +56,7 @@ class TeamTRState:
     kl_history: dict[str, list[float]] = field(default_factory=dict)
     ledger: list[dict] = field(default_factory=list)
     gain_pairs: list[list[float]] = field(default_factory=list)
+    replacements: list[dict] = field(default_factory=list)
     cursor: Optional[dict] = None
 
     @classmethod
@@ -130,6 +133,19 @@ class TeamTRState:
         self.order_rng_state = _encode_rng(rng.getstate())
         return names
 
+    # -- plug-and-play replacement ------------------------------------------------------------------------------------
+    def apply_replacement(self, team: TeamConfig) -> dict:
+        """Record ``team.replace`` as done after stage ``stages_done``: the agent's model becomes the new one and a
+        trained agent's β controller starts over (its KL history was another model's); returns the record."""
+        swap = team.replace
+        record = {"stage": self.stages_done, "agent": swap.agent, "from": self.agent_models[swap.agent],
+                  "to": swap.model, "method": swap.method}
+        self.agent_models[swap.agent] = swap.model
+        if swap.agent in self.beta:
+            self.beta[swap.agent] = BetaState(beta=team.beta_init_of(swap.agent)).to_dict()
+        self.replacements.append(record)
+        return record
+
     # -- persistence ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"version": STATE_VERSION, **dataclasses.asdict(self)}
@@ -157,10 +173,25 @@ class TeamTRState:
     def load(cls, directory: str | Path) -> "TeamTRState":
         return cls.from_dict(json.loads((Path(directory) / STATE_FILE).read_text()))
 
-    def check_matches(self, team: TeamConfig, where: str) -> None:
-        """Raise if a checkpoint's team differs from the configured one, listing both sides."""
+    def check_matches(self, team: TeamConfig, where: str) -> bool:
+        """Raise if a checkpoint's team differs from the configured one, listing both sides. Returns whether the
+        configured ``teamtr.replace`` is still to be done: the checkpoint has the incumbent (a team already swapped
+        matches the configured team as is, so resuming after a swap needs no change to the command line)."""
         saved = [(name, self.agent_models.get(name), name not in self.frozen_agents) for name in self.agent_names]
         configured = [(agent.name, agent.model, agent.train) for agent in team.agents]
+        if saved == configured:
+            return False
+        if team.replace is not None:
+            before = [(name, team.replace.incumbent if name == team.replace.agent else model, train)
+                      for name, model, train in configured]
+            if saved == before:
+                if self.cursor is not None:
+                    raise ValueError(
+                        f"teamtr.replace: the checkpoint at {where} is inside stage {self.cursor['stage']} "
+                        "(teamtr.save_every_update): an agent is swapped between stages; resume from a global_step_S "
+                        "folder (trainer.resume_mode=resume_path, trainer.resume_from_path=.../global_step_S)")
+                return True
+            configured = before
         if saved != configured:
             raise ValueError(
                 f"the checkpoint at {where} was written by another team: checkpoint agents (name, model, train) = "

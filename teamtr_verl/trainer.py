@@ -134,6 +134,7 @@ class TeamTRTrainer(PPOTrainer):
         self._saved_at: dict[str, str] = {}  # agent -> "<folder>/<agent>" holding its current weights (unchanged since)
         self._stage_data_state = None  # the train loader before this stage's prompts (in-stage checkpoints)
         self._stage_saved = False
+        self._swap_metrics: dict = {}  # teamtr.replace done at resume: reported with the next stage
 
     # ---------------------------------------------------------------------------------------------------- set-up
     def _setup(self):
@@ -232,6 +233,8 @@ class TeamTRTrainer(PPOTrainer):
         prompts = self._next_train_batch()
         order = cursor["order"] if cursor else self.state.next_order(self.team)
         done = cursor["done"] if cursor else 0
+        metrics.update(self._swap_metrics)
+        self._swap_metrics = {}
         if cursor:  # resumed inside this stage: its earlier updates' metrics, then the next agent of the same order
             metrics.update(cursor["metrics"])
             logger.info("teamtr: stage %d resumes after %d of its updates (%s)", stage, done, order[:done])
@@ -650,16 +653,20 @@ class TeamTRTrainer(PPOTrainer):
 
     def _load_checkpoint(self):
         self.global_steps = 0
-        folder = find_resume_folder(self.config)
+        folder = checkpoints.resume_folder(self.config.trainer)
         if folder is None:
             return
         state = TeamTRState.load(folder)
-        state.check_matches(self.team, folder)
+        swap = state.check_matches(self.team, folder)  # True: teamtr.replace is still to be done
         root = os.path.dirname(folder.rstrip("/"))
         name = os.path.basename(folder.rstrip("/"))
         agent_dirs = (state.cursor["agent_dirs"] if state.cursor
                       else {agent: f"{name}/{agent}" for agent in self.team.trained_names})
+        if swap:  # the incoming model starts from its own directory, with a fresh optimizer
+            agent_dirs.pop(self.team.replace.agent, None)
         for stack in self._trained_stacks():
+            if stack.name not in agent_dirs:
+                continue
             stack.worker_group.load_checkpoint(local_path=os.path.join(root, agent_dirs[stack.name]),
                                                del_local_after_load=self.config.trainer.del_local_ckpt_after_load)
         data_path = os.path.join(folder, "data.pt")
@@ -675,21 +682,11 @@ class TeamTRTrainer(PPOTrainer):
         keep = same_root and not self.config.trainer.del_local_ckpt_after_load
         self._saved_at = dict(agent_dirs) if keep else {}
         self.global_steps = checkpoints.stages_done(folder)
+        if swap:
+            record = state.apply_replacement(self.team)
+            self._swap_metrics = {f"teamtr/{record['agent']}/replaced": 1.0}
+            print(f"teamtr: after stage {record['stage']}, agent {record['agent']!r} is now {record['to']} "
+                  f"(was {record['from']}; {record['method']} swap)", flush=True)
         logger.info("teamtr: resumed from %s after stage %d%s", folder, self.global_steps,
                     f" and {state.cursor['done']} update(s) of stage {state.cursor['stage']}" if state.cursor else "")
 
-
-def find_resume_folder(config: DictConfig) -> Optional[str]:
-    """The checkpoint folder to resume from, or None (verl's resume_mode semantics; ``auto``: the last committed)."""
-    mode = config.trainer.resume_mode
-    if mode == "disable":
-        return None
-    if mode == "auto":
-        root = config.trainer.default_local_dir
-        root = root if os.path.isabs(root) else os.path.join(os.getcwd(), root)
-        folder = checkpoints.latest(root)
-        return None if folder is None else str(folder)
-    if mode == "resume_path":
-        path = config.trainer.resume_from_path
-        return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
-    raise ValueError(f"trainer.resume_mode={mode!r} is not valid: choose one of auto, disable, resume_path")

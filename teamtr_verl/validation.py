@@ -78,9 +78,32 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
                                   f"actor_rollout_ref.rollout.response_length={rollout.response_length}: every "
                                   "message is padded to that length; lower the cap or raise data.max_response_length")
     validate_chat_templates(config, team)
+    validate_resume(config, team)
     for key in DATA_FILE_KEYS:
         _check_data_files(key, config.data.get(key.split(".", 1)[1]))
     return team
+
+
+def validate_resume(config: DictConfig, team: TeamConfig) -> None:
+    """The checkpoint to resume from was written by this team (or by its incumbent, for ``teamtr.replace``);
+    ``teamtr.replace`` needs one."""
+    from teamtr_verl.state import STATE_FILE, TeamTRState  # torch (through algos): only when resuming
+
+    folder = checkpoints.resume_folder(config.trainer)
+    if folder is None or not os.path.isfile(os.path.join(folder, STATE_FILE)):
+        if config.trainer.resume_mode == "resume_path":
+            raise TeamConfigError(f"trainer.resume_from_path={config.trainer.resume_from_path!r} holds no "
+                                  f"{STATE_FILE}: it is not a committed teamtr checkpoint")
+        if team.replace is not None:
+            raise TeamConfigError(
+                f"teamtr.replace.agent={team.replace.agent!r} needs a checkpoint to resume from, but "
+                f"trainer.resume_mode={config.trainer.resume_mode!r} finds none (trainer.default_local_dir="
+                f"{config.trainer.default_local_dir!r}): a swap replaces an agent of a trained team")
+        return
+    try:
+        TeamTRState.load(folder).check_matches(team, folder)
+    except ValueError as error:
+        raise TeamConfigError(str(error)) from None
 
 
 def validate_chat_templates(config: DictConfig, team: TeamConfig) -> None:

@@ -4,9 +4,10 @@ team of two tiny agents (different sizes and tokenizers) on CPU with real Ray, F
 * teamtr, 2 stages, a huge learning rate, δ enforced: every committed update has KL <= δ (or it was given up and
   counted), weights changed, each agent's servers hold its own actor's weights after every sync; alice samples at
   her own temperature (0.7, bob at the rollout's 1.0) and her actor scores her tokens at it;
-* resume: a second run continues from the stage-1 checkpoint with a δ so small that no update can move the weights:
-  the weights it saves must equal the saved ones bit for bit, and β must be exactly verl's adaptive rule applied once
-  to the saved β;
+* resume with a swap: a second run continues from the stage-1 checkpoint with bob replaced by another model
+  (``teamtr.replace``) and a δ so small that no update can move the weights: the weights it saves must equal alice's
+  saved ones and the new bob's initial ones to 1e-12, and β must be exactly verl's adaptive rule applied once to
+  alice's saved β and to a fresh β for bob; a third run resumes the swapped team as it is;
 * the `stale` schedule runs from the same entry point (the paper's central comparison is one flag), here on a
   three-agent round-robin team where one agent speaks twice;
 * a frozen agent (`train: false`) speaks through its own servers, with no actor worker, and is never updated,
@@ -22,12 +23,13 @@ import pytest
 import torch
 
 from teamtr_verl import algos
-from teamtr_verl.fixtures import write_addition_dataset
+from teamtr_verl.fixtures import build_tiny_model, write_addition_dataset
 from teamtr_verl.runs import run_main_ppo, team_override
 
 pytestmark = pytest.mark.e2e
 
 DELTA = 0.01
+DEFAULT_BETA_INIT = 0.1  # teamtr.beta_init of the tiny CPU config
 # alice's own sampling temperature: her actor must recompute her log-probs at it (rollout_probs_diff_max below)
 ALICE_SAMPLING = "+teamtr.agents.0.sampling={temperature: 0.7}"
 
@@ -114,34 +116,45 @@ def test_teamtr_stages_respect_each_agents_trust_region(two_stages, team):
     assert state["agent_names"] == ["alice", "bob"] and state["stages_done"] == 2
 
 
-def test_resume_continues_with_the_saved_weights_beta_and_order(two_stages, team, tmp_path):
+def test_resume_swaps_bob_for_a_new_model_and_carries_alice_beta_and_order_over(two_stages, team, tmp_path):
+    """Resume the stage-1 checkpoint into a new directory with ``teamtr.replace`` swapping bob for another model
+    (another size and tokenizer), then resume the swapped run once more.
+
+    The resumed updates may move at most step_safety·sqrt(δ/KL_full) ≈ 1e-15 of their step (or are given up): the
+    weights each run saves are the ones it started from to within 1e-12 (a zero-initialised bias can take a 1e-17
+    step). So they prove what was loaded: alice's stage-1 checkpoint, bob's *new model directory* (not his
+    checkpoint), then, after the swap, the new bob's own checkpoint. β moves once per update, by verl's adaptive rule
+    on the full step's KL, from alice's saved β and from a fresh β for the new bob."""
     _, ckpt, _ = two_stages
     resumed_dir = tmp_path / "resumed"
-    # Resume the stage-1 checkpoint into a new directory. The resumed update may move at most
-    # step_safety·sqrt(δ/KL_full) ≈ 1e-15 of its step (or is given up): either way the weights it saves are the loaded
-    # ones to within 1e-12 (a zero-initialised bias can take a 1e-17 step), so they prove the load. β moves once, by
-    # verl's adaptive rule on the full step's KL.
-    stages = run_teamtr(
-        team, resumed_dir, "trainer.total_training_steps=2", "trainer.save_freq=1",
-        f"trainer.default_local_dir={resumed_dir / 'ckpt'}", "trainer.resume_mode=resume_path",
-        f"trainer.resume_from_path={ckpt / 'global_step_1'}", "teamtr.max_backtracks=0", "teamtr.step_safety=1e-9",
-        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]", "teamtr.order=random",
-        delta=1e-12,
-    )
+    new_bob = build_tiny_model(tmp_path / "bob_v2", seed=2, num_layers=3)  # 3 layers, hidden 128, its own tokenizer
+    swap = f"teamtr.replace={{agent: bob, model: '{new_bob}'}}"
+    common = ("trainer.save_freq=1", f"trainer.default_local_dir={resumed_dir / 'ckpt'}", "teamtr.max_backtracks=0",
+              "teamtr.step_safety=1e-9", "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+              "teamtr.order=random", swap)
+    stages = run_teamtr(team, resumed_dir, "trainer.total_training_steps=2", "trainer.resume_mode=resume_path",
+                        f"trainer.resume_from_path={ckpt / 'global_step_1'}", *common, delta=1e-12)
     assert sorted(stages) == [2]  # stage 1 was not redone
+    assert stages[2]["teamtr/bob/replaced"] == 1.0
+    for agent in ("alice", "bob"):  # each agent's servers serve its own actor's weights: the new bob's for bob
+        assert stages[2][f"teamtr/{agent}/rollout_probs_diff_max"] < 1e-3, agent
     saved = json.loads((ckpt / "global_step_1" / "teamtr_state.json").read_text())
     after = json.loads((resumed_dir / "ckpt" / "global_step_2" / "teamtr_state.json").read_text())
+    assert after["agent_models"]["bob"] == str(new_bob) and after["agent_models"]["alice"] == saved["agent_models"]["alice"]
+    assert after["replacements"] == [{"stage": 1, "agent": "bob", "from": saved["agent_models"]["bob"],
+                                      "to": str(new_bob), "method": "direct"}]
+    started_from = {"alice": ckpt / "global_step_1" / "alice" / "huggingface", "bob": new_bob}
+    start_beta = {"alice": saved["beta"]["alice"], "bob": {"beta": DEFAULT_BETA_INIT, "num_updates": 0}}
     for agent in ("alice", "bob"):
-        w1 = hf_weights(ckpt / "global_step_1" / agent / "huggingface")
-        w2 = hf_weights(resumed_dir / "ckpt" / "global_step_2" / agent / "huggingface")
-        assert w1.keys() == w2.keys(), agent
+        w1, w2 = hf_weights(started_from[agent]), hf_weights(resumed_dir / "ckpt" / "global_step_2" / agent / "huggingface")
+        assert set(w1) <= set(w2) and all(w1[k].shape == w2[k].shape for k in w1), agent  # the new bob's shapes
         assert max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1) <= 1e-12, agent
-        expected_beta = algos.adapt_beta(saved["beta"][agent]["beta"], stages[2][f"teamtr/{agent}/kl_proposal"], 1e-12)
+        expected_beta = algos.adapt_beta(start_beta[agent]["beta"], stages[2][f"teamtr/{agent}/kl_proposal"], 1e-12)
         assert after["beta"][agent]["beta"] == pytest.approx(expected_beta, rel=1e-12)
-        assert after["beta"][agent]["num_updates"] == saved["beta"][agent]["num_updates"] + 1
-        committed = stages[2][f"teamtr/{agent}/committed"] == 1.0
-        assert after["kl_history"][agent][:-1 if committed else None] == saved["kl_history"][agent]
-    # order: the stage-2 order is the next draw of the saved RNG
+        assert after["beta"][agent]["num_updates"] == start_beta[agent]["num_updates"] + 1
+    committed = stages[2]["teamtr/alice/committed"] == 1.0
+    assert after["kl_history"]["alice"][:-1 if committed else None] == saved["kl_history"]["alice"]
+    # order: the stage-2 order is the next draw of the saved RNG (the swap does not touch it)
     rng = random.Random()
     version, internal, gauss = saved["order_rng_state"]
     rng.setstate((version, tuple(internal), gauss))
@@ -149,6 +162,19 @@ def test_resume_continues_with_the_saved_weights_beta_and_order(two_stages, team
     rng.shuffle(expected)
     assert [stages[2][f"teamtr/{a}/position"] for a in expected] == [0, 1]
     assert after["stages_done"] == 2
+
+    # the swapped run resumes as it is, the same command line: no second swap, the new bob's checkpoint is loaded
+    stages = run_teamtr(team, resumed_dir, "trainer.total_training_steps=3", "trainer.resume_mode=auto", *common,
+                        delta=1e-12)
+    # the metrics file keeps stage 2 of the swap run (a resumed run appends), and stage 3 reports no swap
+    assert sorted(stages) == [2, 3] and stages[2]["teamtr/bob/replaced"] == 1.0
+    assert "teamtr/bob/replaced" not in stages[3]
+    final = json.loads((resumed_dir / "ckpt" / "global_step_3" / "teamtr_state.json").read_text())
+    assert final["replacements"] == after["replacements"] and final["stages_done"] == 3
+    w2 = hf_weights(resumed_dir / "ckpt" / "global_step_2" / "bob" / "huggingface")
+    w3 = hf_weights(resumed_dir / "ckpt" / "global_step_3" / "bob" / "huggingface")
+    assert max((w2[k].float() - w3[k].float()).abs().max().item() for k in w2) <= 1e-12
+    assert stages[3]["teamtr/bob/rollout_probs_diff_max"] < 1e-3
 
 
 def test_stale_schedule_runs_a_three_agent_round_robin_from_the_same_entry_point(team, tmp_path):

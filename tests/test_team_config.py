@@ -581,3 +581,47 @@ def test_a_team_needs_a_trained_agent(models):
 )
 def test_bad_chat_template_keys(models, extra, expected):
     assert expected in _error({"agents": [{"name": "a", "model": models["planner"], **extra}]})
+
+
+# ------------------------------------------------------------------------------------------- teamtr.replace
+def test_replace_shows_the_team_after_the_swap_and_keeps_the_incumbent(models):
+    """The replaced agent's spec carries the new model and the replacement's template keywords; its role prompt,
+    δ and sampling (the team's protocol) stay; the other agents are untouched; the incumbent is remembered."""
+    block = _block(models)
+    block["agents"][1].update(role_prompt="You solve.", delta=0.05, sampling={"temperature": 0.7})
+    block["replace"] = {"agent": "solver", "model": models["critic"], "chat_template_kwargs": {"enable_thinking": False}}
+    team = TeamConfig.from_config(block)
+    solver = team.agent("solver")
+    assert (solver.model, solver.role_prompt, solver.delta, solver.sampling.temperature) == (
+        models["critic"], "You solve.", 0.05, 0.7)
+    assert solver.chat_template_kwargs == {"enable_thinking": False} and solver.chat_template is None
+    assert team.agent("planner") == AgentSpec(name="planner", model=models["planner"])
+    assert (team.replace.agent, team.replace.model, team.replace.incumbent, team.replace.method) == (
+        "solver", models["critic"], models["solver"], "direct")
+
+
+@pytest.mark.parametrize("replace, expected", [
+    ({"agent": "critic", "model": "NEW"}, "teamtr.replace.agent='critic' is not an agent of the team: choose one of "
+                                          "planner, solver"),
+    ({"agent": "solver"}, "teamtr.replace.model is missing"),
+    ({"agent": "solver", "model": "SOLVER"}, "is already the model of agent 'solver' (teamtr.agents[1].model)"),
+    ({"agent": "solver", "model": "NEW", "method": "aligned"}, "teamtr.replace.method='aligned' is not valid: "
+                                                                "choose one of direct"),
+    ({"agent": "solver", "model": "NEW", "incumbent": "x"}, "teamtr.replace.incumbent is not a known key: known "
+                                                              "keys are agent, model, method, chat_template, "
+                                                              "chat_template_kwargs"),
+    ({"agent": "solver", "model": "NEW", "chat_template_kwargs": 3}, "teamtr.replace.chat_template_kwargs=3 must "
+                                                                      "be a mapping"),
+    ("solver", "teamtr.replace='solver' must be a mapping"),
+])
+def test_bad_replace(models, replace, expected):
+    if isinstance(replace, dict):
+        replace = {k: {"NEW": models["critic"], "SOLVER": models["solver"]}.get(v, v) if isinstance(v, str) else v
+                   for k, v in replace.items()}
+    assert expected in _error(_block(models, replace=replace))
+
+
+def test_replace_model_must_exist(models, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    message = _error(_block(models, replace={"agent": "solver", "model": missing}))
+    assert message.startswith(f"teamtr.replace.model={missing!r}")

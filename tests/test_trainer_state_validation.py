@@ -193,6 +193,51 @@ def test_check_matches_accepts_the_same_team():
     TeamTRState.initial(team()).check_matches(team(order="random", beta_init=0.3), "/ckpt")
 
 
+def swap_bob(model="/models/bob-v2", frozen=()):
+    return team(frozen=frozen, replace={"agent": "bob", "model": model})
+
+
+def test_check_matches_tells_a_pending_swap_from_a_done_one():
+    """The checkpoint holds the incumbent: the swap is to be done (True). It holds the new model: the swap was done
+    before this resume (False, no change to the command line needed). Anything else is another team, listed with
+    the agents as configured (the incumbent's side)."""
+    assert TeamTRState.initial(team()).check_matches(swap_bob(), "/ckpt") is True
+    assert TeamTRState.initial(team(frozen=("bob",))).check_matches(swap_bob(frozen=("bob",)), "/ckpt") is True
+    swapped = TeamTRState.initial(team(models=["/models/alice", "/models/bob-v2", "/models/carol"]))
+    assert swapped.check_matches(swap_bob(), "/ckpt") is False
+    assert TeamTRState.initial(team()).check_matches(team(), "/ckpt") is False
+    with pytest.raises(ValueError) as error:
+        TeamTRState.initial(team(models=["/models/alice", "/models/bob-v1", "/models/carol"])).check_matches(
+            swap_bob(), "/ckpt")
+    assert "configured teamtr.agents = [('alice', '/models/alice', True), ('bob', '/models/bob', True)" in str(
+        error.value)
+
+
+def test_a_swap_is_refused_inside_a_stage():
+    state = TeamTRState.initial(team())
+    state.cursor = {"stage": 3, "order": list(NAMES), "done": 1, "metrics": {}, "agent_dirs": {}}
+    with pytest.raises(ValueError, match=r"teamtr.replace: the checkpoint at /ckpt/stage_3_update_1 is inside stage 3 "
+                                         r"\(teamtr.save_every_update\): an agent is swapped between stages"):
+        state.check_matches(swap_bob(), "/ckpt/stage_3_update_1")
+
+
+def test_apply_replacement_records_the_swap_and_restarts_only_that_agents_beta():
+    state = busy_state()
+    before = copy.deepcopy(state)
+    t = team(order="random", order_seed=5, beta_init=0.2, replace={"agent": "bob", "model": "/models/bob-v2"})
+    record = state.apply_replacement(t)
+    assert record == {"stage": 2, "agent": "bob", "from": "/models/bob", "to": "/models/bob-v2", "method": "direct"}
+    assert state.replacements == [record]
+    assert state.agent_models == {"alice": "/models/alice", "bob": "/models/bob-v2", "carol": "/models/carol"}
+    assert state.beta_state("bob") == BetaState(beta=0.2)  # was 0.24 with a give-up: another model's history
+    assert state.beta["alice"] == before.beta["alice"] and state.beta["carol"] == before.beta["carol"]
+    # the ledger, the pairs, the order RNG and the stage count carry over
+    for key in ("ledger", "gain_pairs", "order_rng_state", "stages_done", "kl_history"):
+        assert getattr(state, key) == getattr(before, key), key
+    assert TeamTRState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    assert state.check_matches(t, "/ckpt") is False  # resuming the swapped team again is no second swap
+
+
 def test_from_dict_rejects_unknown_keys_and_other_versions():
     data = busy_state().to_dict()
     with pytest.raises(ValueError, match=r"unknown keys \['surprise'\]"):
@@ -523,14 +568,42 @@ def test_stock_main_ppo_stops_a_bad_teamtr_config_before_ray(main_ppo_runs, case
     assert "Traceback" not in stderr
 
 
+def test_replace_needs_a_checkpoint_and_a_checkpoint_must_match_before_ray(good_config, model_dirs, tmp_path):
+    """Checked in the driver: teamtr.replace without a checkpoint to resume from; a resume_path folder without a
+    state file; a checkpoint written by another team. A checkpoint of the incumbent team passes with the swap."""
+    config = copy.deepcopy(good_config)
+    OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path / "ckpt"))
+    OmegaConf.update(config, "trainer.resume_mode", "auto")
+    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[0])}, force_add=True)
+    with pytest.raises(TeamConfigError, match=r"^teamtr.replace.agent='bob' needs a checkpoint to resume from, but "
+                                              r"trainer.resume_mode='auto' finds none"):
+        validate_teamtr_config(config)
+    folder = tmp_path / "ckpt" / "global_step_2"
+    folder.mkdir(parents=True)
+    (tmp_path / "ckpt" / "teamtr_latest.txt").write_text("global_step_2")
+    incumbent = copy.deepcopy(good_config)
+    TeamTRState.initial(validate_teamtr_config(incumbent)).save(folder)
+    assert validate_teamtr_config(config).agent("bob").model == str(model_dirs[0])
+    other = TeamTRState.initial(validate_teamtr_config(incumbent))
+    other.agent_models["alice"] = "/elsewhere"
+    other.save(folder)
+    with pytest.raises(TeamConfigError, match=f"the checkpoint at {folder} was written by another team"):
+        validate_teamtr_config(config)
+    OmegaConf.update(config, "trainer.resume_mode", "resume_path")
+    OmegaConf.update(config, "trainer.resume_from_path", str(tmp_path / "global_step_7"))
+    with pytest.raises(TeamConfigError, match="global_step_7' holds no teamtr_state.json: it is not a committed"):
+        validate_teamtr_config(config)
+
+
 @pytest.mark.parametrize("path, ok", [("/ckpt/global_step_3", True), ("/ckpt/stage_4_update_1", True),
                                       ("/ckpt/step_3", False), (None, False)])
 def test_resume_path_names_a_stage_end_or_an_in_stage_checkpoint(good_config, path, ok):
     config = copy.deepcopy(good_config)
     OmegaConf.update(config, "trainer.resume_mode", "resume_path")
     OmegaConf.update(config, "trainer.resume_from_path", path)
-    if ok:
-        validate_teamtr_config(config)
+    if ok:  # the name is right; the folder holds no checkpoint
+        with pytest.raises(TeamConfigError, match="holds no teamtr_state.json"):
+            validate_teamtr_config(config)
     else:
         with pytest.raises(TeamConfigError, match=f"trainer.resume_from_path={path!r} must name a global_step_S or "
                                                   "stage_S_update_U folder"):

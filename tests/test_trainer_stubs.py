@@ -45,6 +45,7 @@ from verl.workers.utils.losses import ppo_loss
 
 import teamtr_verl.trainer as trainer_module
 from teamtr_verl import algos
+from teamtr_verl.algos import BetaState
 from teamtr_verl.config import AgentSpec, TeamConfig
 from teamtr_verl.defaults import PREFIX_FIELD
 from teamtr_verl.fixtures import build_tiny_model
@@ -294,6 +295,7 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
     trainer.balance_tokenizers = []  # (agent, tokenizer) per _balance_batch call
     trainer.rollouts = rollouts = FakeRollouts(trainer, log, script)
     trainer._saved_at, trainer._stage_data_state, trainer._stage_saved = {}, None, False  # as __init__ sets them
+    trainer._swap_metrics = {}
 
     def bound_agent():
         return trainer.actor_rollout_wg.name  # _bind points actor_rollout_wg at the updated agent's worker group
@@ -1063,6 +1065,54 @@ def test_a_frozen_agent_speaks_but_is_never_updated_synced_or_saved(make_trainer
     resumed._load_checkpoint()
     assert [e[:2] for e in log if e[0] == "load"] == [("load", "alice"), ("load", "carol")]
     assert resumed.state == trainer.state
+
+
+def test_a_resumed_run_swaps_one_agent_and_carries_the_rest_of_the_team_over(make_trainer, base_configs, model_dirs,
+                                                                              tmp_path):
+    """teamtr.replace on resume (direct): bob's checkpoint is not loaded (his new model starts from its own
+    directory, with a fresh optimizer and β), alice's is; the loader position, ledger and alice's β carry over; the
+    next stage reports the swap and trains both; resuming the swapped team loads both and records no second swap."""
+    config = team_config(base_configs, 2)
+    OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path))
+    log = []
+    trainer = make_trainer(config, log, global_steps=3)
+    trainer.step({}, {})
+    trainer.train_dataloader = FakeDataloader(position=11)
+    trainer._save_checkpoint()
+    assert trainer.state.beta_state("bob") != BetaState(beta=BETA0)  # bob's update moved his β controller
+
+    swapped = copy.deepcopy(config)
+    OmegaConf.update(swapped, "trainer.resume_mode", "auto")
+    OmegaConf.update(swapped, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[2])}, force_add=True)
+    resumed = make_trainer(swapped, log)
+    resumed.train_dataloader = FakeDataloader()
+    resumed._load_checkpoint()
+    assert [e for e in log if e[0] == "load"] == [("load", "alice", str(tmp_path / "global_step_3" / "alice"))]
+    assert resumed.global_steps == 3 and resumed.train_dataloader.position == 11
+    state = resumed.state
+    assert state.agent_models == {"alice": str(model_dirs[0]), "bob": str(model_dirs[2])}
+    assert state.replacements == [{"stage": 3, "agent": "bob", "from": str(model_dirs[1]), "to": str(model_dirs[2]),
+                                   "method": "direct"}]
+    assert state.beta_state("bob") == BetaState(beta=BETA0)
+    assert state.beta["alice"] == trainer.state.beta["alice"] and state.ledger == trainer.state.ledger
+    assert "bob" not in resumed._saved_at  # the next in-stage checkpoint must save the new bob
+
+    metrics = {}
+    resumed.global_steps = 4
+    resumed.step(metrics, {})
+    assert metrics["teamtr/bob/replaced"] == 1.0
+    assert [u["agent"] for u in resumed.state.ledger if u["stage"] == 4] == ["alice", "bob"]
+    resumed._save_checkpoint()
+    log.clear()
+    again = make_trainer(swapped, log)
+    again.train_dataloader = FakeDataloader()
+    again._load_checkpoint()
+    assert [e[:2] for e in log if e[0] == "load"] == [("load", "alice"), ("load", "bob")]
+    assert again.state.replacements == state.replacements and again.state == resumed.state
+    again.global_steps = 5
+    metrics = {}
+    again.step(metrics, {})
+    assert "teamtr/bob/replaced" not in metrics
 
 
 class Killed(Exception):
