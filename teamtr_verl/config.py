@@ -22,8 +22,9 @@ Shape (YAML)::
       placement: split        # split | colocate
       delta: 0.01             # default KL radius δ > 0
       beta_init: 0.1          # default initial β > 0
-      replace: null           # on resume: {agent: NAME, model: /new/dir, method: direct, chat_template: null,
-                              # chat_template_kwargs: null}: swap that agent's model, keep the rest of the team
+      replace: null           # on resume: {agent: NAME, model: /new/dir, method: aligned | direct, delta0: null,
+                              # max_epochs: 20, heldout_fraction: 0.25, chat_template: null, chat_template_kwargs:
+                              # null}: swap that agent's model (aligned: Stage 0 first), keep the rest of the team
 
 :meth:`TeamConfig.from_config` raises :class:`TeamConfigError` on the first problem, with a message that names the
 dotted key, the offending value and what would be valid. The known keys of each level are the fields of its
@@ -89,9 +90,11 @@ ANSWER_LAST = "last"
 RESERVED_AGENT_NAMES = ("stage", ANSWER_LAST)
 AGENT_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 _AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
-# How teamtr.replace brings the incoming model in: `direct` loads it as is (the paper's direct swap). The Stage-0
-# aligned swap (issue #13) is not built yet: its math is in algos/stage0.py.
-REPLACE_METHODS = ("direct",)
+# How teamtr.replace brings the incoming model in: `aligned` first distils it into the incumbent's KL ball on the
+# team's own contexts (Stage 0, paper Prop. 3.8); `direct` loads it as is (the paper's direct swap).
+REPLACE_METHODS = ("aligned", "direct")
+# During an aligned swap the incoming model has its own stack beside the incumbent's, named <agent><suffix>.
+INCOMING_SUFFIX = "-incoming"
 
 
 class TeamConfigError(ValueError):
@@ -195,9 +198,16 @@ class ReplaceSpec:
     agent: str
     model: str
     incumbent: str
-    method: str = "direct"
+    method: str = "aligned"
+    # Stage 0 (method=aligned): the KL radius δ₀ the newcomer must reach, KL(π_incumbent ‖ π_new) per message on the
+    # held-out probe messages (None: the agent's δ); the alignment epochs allowed before the swap is refused; the
+    # share of probe prompt groups held out to measure it on.
+    delta0: Optional[float] = None
+    max_epochs: int = 20
+    heldout_fraction: float = 0.25
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict] = field(default=None, hash=False)
+    incumbent_agent: Optional[AgentSpec] = field(default=None, compare=False)  # the agent as configured (incumbent)
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,10 @@ class TeamConfig:
         own = self.agent(name).delta
         return self.delta if own is None else own
 
+    def stage0_delta(self) -> float:
+        """δ₀ of ``teamtr.replace`` (its own ``delta0``, else the replaced agent's δ)."""
+        return self.replace.delta0 if self.replace.delta0 is not None else self.delta_of(self.replace.agent)
+
     def beta_init_of(self, name: str) -> float:
         """Agent ``name``'s initial KL coefficient β: its own ``beta_init`` or the team default."""
         own = self.agent(name).beta_init
@@ -293,19 +307,26 @@ def validate_placement(
     prefix: str = "teamtr",
     available_from: str = "trainer.n_gpus_per_node * trainer.nnodes",
 ) -> None:
-    """Raise if ``split`` placement asks for more devices than the cluster has.
+    """Raise unless ``split`` placement's slices add up to the cluster's devices.
 
-    In ``split`` each agent gets its own ``n_devices`` slice, so their sum must fit. ``colocate`` time-shares all
-    devices between the agents and ignores ``n_devices``. ``available_from`` names where the count came from.
+    In ``split`` each agent gets its own ``n_devices`` slice and verl's ``split_resource_pool`` hands out every
+    device, so their sum must equal the count. ``colocate`` time-shares all devices between the agents and ignores
+    ``n_devices``. ``available_from`` names where the count came from.
     """
     if team.placement != "split":
         return
     needed = sum(agent.n_devices for agent in team.agents)
+    per_agent = ", ".join(f"{agent.name}: {agent.n_devices}" for agent in team.agents)
     if needed > n_devices_available:
-        per_agent = ", ".join(f"{agent.name}: {agent.n_devices}" for agent in team.agents)
         raise TeamConfigError(
             f"{prefix}.placement='split' needs {needed} devices ({per_agent}) "
             f"but {available_from} = {n_devices_available}"
+        )
+    if needed < n_devices_available:
+        raise TeamConfigError(
+            f"{prefix}.placement='split' uses {needed} devices ({per_agent}) but {available_from} = "
+            f"{n_devices_available}: verl's split gives every device to an agent; make the agents' n_devices add "
+            f"up to it, or use {prefix}.placement=colocate"
         )
 
 
@@ -430,7 +451,7 @@ def _parse_team(block: Any, prefix: str, check_paths: bool) -> TeamConfig:
 
 def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: bool) -> ReplaceSpec:
     entry = _mapping(entry, key)
-    known = [name for name in _known_keys(ReplaceSpec) if name != "incumbent"]  # that one is agents[i].model
+    known = [name for name in _known_keys(ReplaceSpec) if not name.startswith("incumbent")]  # agents[i] gives them
     for name in entry:
         if name not in known:
             raise TeamConfigError(f"{key}.{name} is not a known key: known keys are {', '.join(known)}")
@@ -438,7 +459,8 @@ def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: b
     name = entry.get("agent")
     if name not in names:
         raise _fail(f"{key}.agent", name, f"is not an agent of the team: choose one of {', '.join(names)}")
-    incumbent = next(agent.model for agent in agents if agent.name == name)
+    incumbent_agent = next(agent for agent in agents if agent.name == name)
+    incumbent = incumbent_agent.model
     if entry.get("model") is None:
         raise TeamConfigError(f"{key}.model is missing: give the incoming model's local directory")
     model = _string(entry["model"], f"{key}.model")
@@ -450,11 +472,31 @@ def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: b
         _check_model_dir(model, f"{key}.model")
     method = entry.get("method", ReplaceSpec.method)
     if method not in REPLACE_METHODS:
-        raise _fail(f"{key}.method", method, f"is not valid: choose one of {', '.join(REPLACE_METHODS)} (the "
-                                             "Stage-0 aligned swap is not built yet)")
+        raise _fail(f"{key}.method", method, f"is not valid: choose one of {', '.join(REPLACE_METHODS)}")
+    delta0 = entry.get("delta0")
+    heldout = entry.get("heldout_fraction", ReplaceSpec.heldout_fraction)
+    if not _is_number(heldout) or not 0 < heldout < 1:
+        raise _fail(f"{key}.heldout_fraction", heldout, "must be a number in (0, 1): the alignment is measured on "
+                                                       "held-out probe prompts and trained on the others")
     template = entry.get("chat_template")
+    if method == "aligned":
+        if not incumbent_agent.train:
+            raise _fail(f"{key}.method", method, f"needs a trained agent, but {name!r} is frozen (train: false): "
+                                                 "swap a frozen agent with method=direct")
+        for override in ("chat_template", "chat_template_kwargs"):
+            if entry.get(override) is not None:
+                raise _fail(f"{key}.{override}", entry[override], "cannot be used with method=aligned: the "
+                                                                  "newcomer is aligned on the contexts the incumbent "
+                                                                  "saw, rendered as it saw them; use method=direct")
+        incoming = f"{name}{INCOMING_SUFFIX}"
+        if incoming in names:
+            raise _fail(f"{key}.agent", name, f"cannot be swapped with method=aligned while the team has an agent "
+                                              f"named {incoming!r} (the incoming model's stack takes that name)")
     return ReplaceSpec(
-        agent=name, model=model, incumbent=incumbent, method=method,
+        agent=name, model=model, incumbent=incumbent, method=method, incumbent_agent=incumbent_agent,
+        delta0=None if delta0 is None else _positive(delta0, f"{key}.delta0"),
+        max_epochs=_integer(entry.get("max_epochs", ReplaceSpec.max_epochs), f"{key}.max_epochs", minimum=0),
+        heldout_fraction=float(heldout),
         chat_template=None if template is None else _string(template, f"{key}.chat_template"),
         chat_template_kwargs=(None if entry.get("chat_template_kwargs") is None else copy.deepcopy(
             _mapping(entry["chat_template_kwargs"], f"{key}.chat_template_kwargs"))),

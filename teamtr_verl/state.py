@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from teamtr_verl import algos
+from teamtr_verl import algos, checkpoints
 from teamtr_verl.algos import BetaState
 from teamtr_verl.config import TeamConfig
 
@@ -134,12 +134,13 @@ class TeamTRState:
         return names
 
     # -- plug-and-play replacement ------------------------------------------------------------------------------------
-    def apply_replacement(self, team: TeamConfig) -> dict:
+    def apply_replacement(self, team: TeamConfig, **details) -> dict:
         """Record ``team.replace`` as done after stage ``stages_done``: the agent's model becomes the new one and a
-        trained agent's β controller starts over (its KL history was another model's); returns the record."""
+        trained agent's β controller starts over (its KL history was another model's); returns the record, which
+        also holds ``details`` (Stage 0: δ₀, the KL curve, probe sizes)."""
         swap = team.replace
         record = {"stage": self.stages_done, "agent": swap.agent, "from": self.agent_models[swap.agent],
-                  "to": swap.model, "method": swap.method}
+                  "to": swap.model, "method": swap.method, **details}
         self.agent_models[swap.agent] = swap.model
         if swap.agent in self.beta:
             self.beta[swap.agent] = BetaState(beta=team.beta_init_of(swap.agent)).to_dict()
@@ -198,6 +199,17 @@ class TeamTRState:
                 f"{saved}; configured teamtr.agents = {configured}. Resume with the same agents, or start a new run "
                 "(trainer.resume_mode=disable or another trainer.default_local_dir)."
             )
+
+
+def stage0_pending(trainer_config, team: TeamConfig) -> bool:
+    """Whether this run starts with a Stage-0 aligned swap: ``teamtr.replace`` with method ``aligned`` and a
+    checkpoint to resume from that still holds the incumbent (``trainer_config``: the ``trainer`` block)."""
+    if team.replace is None or team.replace.method != "aligned":
+        return False
+    folder = checkpoints.resume_folder(trainer_config)
+    if folder is None or not (Path(folder) / STATE_FILE).is_file():
+        return False
+    return TeamTRState.load(folder).check_matches(team, folder)
 
 
 def _encode_rng(state) -> list:

@@ -17,13 +17,14 @@ the server manager launches agent k's replicas at ``start_rank = offset_k``, and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from teamtr_verl.config import AgentSpec, TeamConfig
+from teamtr_verl.config import INCOMING_SUFFIX, AgentSpec, TeamConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,18 @@ def agent_trainer_config(base: DictConfig, agent: AgentSpec) -> DictConfig:
             config.actor_rollout_ref.rollout.load_format = "auto"
             config.actor_rollout_ref.rollout.nnodes = config.trainer.nnodes  # verl asserts it without a worker group
     return config
+
+
+def stacks_team(team: TeamConfig, stage0: bool) -> TeamConfig:
+    """The agents a run builds stacks for: the team, or, while a Stage-0 aligned swap is to be done, the team as the
+    checkpoint holds it (the incumbent in its place) plus the incoming model as one more agent, last, named
+    ``<agent>-incoming`` (its own workers, servers and replica ranks)."""
+    if not stage0:
+        return team
+    swap = team.replace
+    agents = [swap.incumbent_agent if agent.name == swap.agent else agent for agent in team.agents]
+    incoming = dataclasses.replace(team.agent(swap.agent), name=f"{swap.agent}{INCOMING_SUFFIX}")
+    return dataclasses.replace(team, agents=(*agents, incoming), replace=None)
 
 
 def replicas_per_agent(config: DictConfig, n_devices: int) -> int:

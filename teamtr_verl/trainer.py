@@ -53,7 +53,7 @@ from teamtr_verl.rollout_batch import (
     read_turn_records,
     write_advantages,
 )
-from teamtr_verl.state import TeamTRState
+from teamtr_verl.state import TeamTRState, stage0_pending
 from teamtr_verl.team import SEED_FIELD, TeamLLMClient, agent_tokenizer
 from teamtr_verl.team_logic import (
     heldout_prompts,
@@ -62,7 +62,7 @@ from teamtr_verl.team_logic import (
     reusable_turns,
     router_schedule,
 )
-from teamtr_verl.topology import build_team_stacks, expected_server_names
+from teamtr_verl.topology import build_team_stacks, expected_server_names, stacks_team
 from teamtr_verl.watchdog import AgentWatch, describe
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,15 @@ class AgentDiedError(RuntimeError):
 
 class NonFiniteUpdateError(RuntimeError):
     """A non-finite loss, KL or grad norm in one agent's update (``teamtr.on_nonfinite=error``)."""
+
+
+class Stage0RefusedError(RuntimeError):
+    """The incoming model of a ``teamtr.replace`` did not reach δ₀ within its epochs: the swap is refused."""
+
+
+# The Stage-0 loss is the teamtr loss at zero advantage: β·KL(π_incumbent ‖ π_new). β only scales the gradient
+# (Adam is nearly scale-free), so it is fixed.
+STAGE0_BETA = 1.0
 
 
 @dataclasses.dataclass
@@ -135,6 +144,8 @@ class TeamTRTrainer(PPOTrainer):
         self._stage_data_state = None  # the train loader before this stage's prompts (in-stage checkpoints)
         self._stage_saved = False
         self._swap_metrics: dict = {}  # teamtr.replace done at resume: reported with the next stage
+        self._stage0 = False  # a Stage-0 aligned swap runs before the first stage's first update
+        self._incoming = None  # its incoming model's stack, until the swap
 
     # ---------------------------------------------------------------------------------------------------- set-up
     def _setup(self):
@@ -144,14 +155,18 @@ class TeamTRTrainer(PPOTrainer):
         self.use_critic = False  # outcome rewards + group baselines: no critic (validated before Ray starts)
         self.ref_in_actor = False
         role = "actor_rollout_ref" if need_reference_policy(self.config) else "actor_rollout"
-        self.stacks = build_team_stacks(self.config, self.team, role=role)
+        self._stage0 = stage0_pending(self.config.trainer, self.team)
+        built = stacks_team(self.team, self._stage0)  # + the incoming model's stack while a Stage 0 is to be done
+        self.stacks = build_team_stacks(self.config, built, role=role)
+        if self._stage0:
+            self._incoming = self.stacks.pop(built.agents[-1].name)
         self._bind(self.team.trained_names[0])  # verl's helpers (validation, metrics) see one agent at a time
         self.reward_loop_manager = RewardLoopManager(config=self.config, rm_resource_pool=None)
         self.teacher_model_manager, self.distillation_config = None, None
-        for stack in self._trained_stacks():
+        for stack in self._trained_stacks(with_incoming=True):
             stack.checkpoint_manager.sleep_replicas()
         # a dead worker or vLLM server stops the run naming its agent, instead of a stage waiting forever
-        self.watch = AgentWatch.of_team(self.team.agent_names, expected_server_names(self.config, self.team))
+        self.watch = AgentWatch.of_team(built.agent_names, expected_server_names(self.config, built))
         for line in self.watch.summary():
             print(line, flush=True)
         self.watch.start()
@@ -170,7 +185,7 @@ class TeamTRTrainer(PPOTrainer):
     def on_init_end(self):
         # As verl's sync trainer: push the (possibly just loaded) weights into every trained agent's replicas once
         # (a frozen agent's servers loaded theirs from its model path).
-        for stack in self._trained_stacks():
+        for stack in self._trained_stacks(with_incoming=True):
             stack.checkpoint_manager.update_weights(self.global_steps)
 
     def get_llm_client(self):
@@ -189,10 +204,11 @@ class TeamTRTrainer(PPOTrainer):
     def _get_n_gpus_for_throughput(self) -> int:
         return self.config.trainer.n_gpus_per_node * self.config.trainer.nnodes
 
-    def _trained_stacks(self) -> list:
+    def _trained_stacks(self, with_incoming: bool = False) -> list:
         """The stacks of the trained agents, in team order (a frozen agent has no actor, optimizer or weights to
-        save, load or sync)."""
-        return [self.stacks[name] for name in self.team.trained_names]
+        save, load or sync); ``with_incoming``: and the incoming model's of a Stage 0 still to be done."""
+        incoming = [self._incoming] if with_incoming and self._incoming is not None else []
+        return [self.stacks[name] for name in self.team.trained_names] + incoming
 
     def _bind(self, name: str) -> None:
         """Point verl's single-agent attributes at agent ``name``'s stack."""
@@ -246,6 +262,8 @@ class TeamTRTrainer(PPOTrainer):
         rollout: Optional[TeamRollout] = None
         prior_log_w: Optional[torch.Tensor] = None  # stale/happo: log of the earlier updates' trajectory ratios
         changed: set[str] = set()  # agents whose update was committed since the last regeneration
+        if self._stage0:  # the swap's probe pairs with (and lends its prefixes to) the stage's first regeneration
+            rollout, changed = self._align_incoming(prompts, stage, metrics)
         for index, name in enumerate(order):
             if index < done:
                 continue
@@ -367,6 +385,83 @@ class TeamTRTrainer(PPOTrainer):
         metrics["teamtr/stage/negative_gains"] = metrics.get("teamtr/stage/negative_gains", 0) + int(gain.mean < 0)
         metrics["teamtr/stage/gain_measurements"] = metrics.get("teamtr/stage/gain_measurements", 0) + 1
 
+    # --------------------------------------------------------------------------------- Stage 0 (teamtr.replace)
+    def _align_incoming(self, prompts, stage: int, metrics: dict) -> tuple[TeamRollout, set[str]]:
+        """Stage 0 of an aligned ``teamtr.replace`` (paper Prop. 3.8), before the stage's first update.
+
+        One regeneration of the stage's prompts with the incumbent in place and nobody updated is the probe: each
+        message of the replaced agent with the exact context it saw (the team's own occupancy). The incumbent's actor
+        scores them (π_cur of Eq. 11). The newcomer trains on the probe's training groups with the teamtr loss at zero
+        advantage, whose only term is then β·KL(π_incumbent ‖ π_new) on the incumbent's samples, one epoch at a time,
+        until the KL monitor on the held-out groups is ≤ δ₀. Then its weights go into its own servers, which take over
+        the agent's turns, and the swap is recorded; otherwise the run stops before anything is saved. Returns the
+        probe and {agent}: the stage's first regeneration pairs with it (the swap's paired gain)."""
+        swap, name = self.team.replace, self.team.replace.agent
+        delta0, start = self.team.stage0_delta(), time.perf_counter()
+        print(f"teamtr: stage {stage}: Stage 0: probing the team's contexts for {name}'s incoming model", flush=True)
+        probe = self._regenerate(prompts, list(range(len(prompts))), stage, None, {})
+        held = frozenset(heldout_prompts(len(prompts), swap.heldout_fraction, stage, self.team.order_seed))
+        with self._agent_context(name):  # the incumbent scores its own messages
+            train, monitor = self._agent_rows(name, probe, held, {})
+        if train is None or monitor is None:
+            raise ValueError(f"teamtr.replace: the probe has no {'training' if train is None else 'held-out'} "
+                             f"message of {name!r} (data.train_batch_size={len(prompts)} prompts, "
+                             f"teamtr.replace.heldout_fraction={swap.heldout_fraction})")
+        incumbent, incoming = self.stacks[name], self._incoming
+        incoming.name = name  # from now on it is the agent: its checkpoints, syncs and metrics
+        self.stacks[name] = incoming
+        with self._agent_context(name):
+            train = write_advantages(train, {})  # zero advantage: the loss is β·KL(π_incumbent ‖ π_new) alone
+            self._push_loss(name, STAGE0_BETA)
+            curve = [self._stage0_kl(monitor)]
+            verdict = algos.alignment_verdict(curve, delta0, swap.max_epochs)
+            while verdict.status == "continue":
+                self._update_actor(train, {})
+                curve.append(self._stage0_kl(monitor))
+                verdict = algos.alignment_verdict(curve, delta0, swap.max_epochs)
+                print(f"teamtr: stage {stage}: Stage 0: {verdict.message}", flush=True)
+        if verdict.status == "refused":
+            raise Stage0RefusedError(
+                f"teamtr.replace: agent {name!r} -> {swap.model}: {verdict.message}. Nothing was saved: the "
+                "checkpoint still holds the incumbent; raise teamtr.replace.max_epochs or delta0, or use method=direct")
+        self._sync(name, metrics)
+        self._route_turns(incumbent, incoming)
+        incumbent.checkpoint_manager.sleep_replicas()  # its servers serve no turn any more
+        self._incoming, self._stage0 = None, False
+        self._saved_at.pop(name, None)
+        sizes = {"probe_messages": len(probe.keys_of(name, held, heldout=False)),
+                 "heldout_messages": len(probe.keys_of(name, held, heldout=True))}
+        self.state.apply_replacement(self.team, delta0=delta0, kl=curve[-1], kl_curve=curve, epochs=len(curve) - 1,
+                                     **sizes)
+        # the certificate counts the alignment as one update with zero surrogate gain and KL d̂
+        self.state.record_update({"stage": stage, "agent": name, "position": -1, "committed": True,
+                                  "kl": curve[-1], "kl_full": curve[-1], "alpha": 1.0, "backtracks": 0,
+                                  "surrogate": 0.0, "delta": delta0, "bound": None, "stage0": True})
+        metrics.update({f"teamtr/{name}/replaced": 1.0, "teamtr/stage0/kl": curve[-1], "teamtr/stage0/kl_initial":
+                        curve[0], "teamtr/stage0/delta0": delta0, "teamtr/stage0/epochs": len(curve) - 1,
+                        "teamtr/stage0/return_incumbent": probe.return_mean,
+                        "teamtr/stage0/episodes": len(probe.returns),
+                        "teamtr/stage0/seconds": time.perf_counter() - start,
+                        **{f"teamtr/stage0/{key}": value for key, value in sizes.items()}})
+        return probe, {name}
+
+    def _stage0_kl(self, monitor: KVBatchMeta) -> float:
+        """KL(π_incumbent ‖ π_new) per message on the held-out probe messages (Eq. 11), with the k3 estimator: each
+        term is >= 0, so a noisy probe cannot pass δ₀ on a negative estimate (k1 can go below 0)."""
+        logps = self._fresh_log_probs(monitor)
+        return float(algos.token_kl_monitor(logps["old"], logps["new"], logps["mask"], estimator="k3"))
+
+    @staticmethod
+    def _route_turns(old, new) -> None:
+        """The team's agent loop reaches an agent through the load balancer its first stack came with: give that
+        balancer ``new``'s servers and take ``old``'s away (verl's balancer supports both at run time)."""
+        import ray
+
+        balancer = old.server_manager.global_load_balancer
+        servers = dict(zip(new.server_manager.server_addresses, new.server_manager.server_handles, strict=True))
+        ray.get(balancer.add_servers.remote(servers))
+        ray.get(balancer.remove_servers.remote(list(old.server_manager.server_addresses)))
+
     # ------------------------------------------------------------------------------------------ one agent update
     def _update_agent(self, name: str, rollout: TeamRollout, heldout: frozenset[int],
                       prior_log_w: torch.Tensor, stage: int, position: int, metrics: dict) -> Optional[torch.Tensor]:
@@ -422,9 +517,10 @@ class TeamTRTrainer(PPOTrainer):
                                             start))
         return log_w
 
-    def _prepare_batches(self, name: str, rollout: TeamRollout, heldout: frozenset[int], prior_log_w, metrics: dict):
-        """The agent's trained rows (balanced, old log-probs, Eq. 9 advantages; HAPPO-weighted under ``happo``) and
-        its held-out rows (old log-probs only), each padded with this agent's own EOS id."""
+    def _agent_rows(self, name: str, rollout: TeamRollout, heldout: frozenset[int], metrics: dict):
+        """The agent's rows of ``rollout`` outside and inside the ``heldout`` prompt groups (None where there are
+        none), each balanced, padded with this agent's own EOS id and scored by the bound agent's actor
+        (``old_log_probs``)."""
         batches = []
         for keys in (rollout.keys_of(name, heldout, heldout=False), rollout.keys_of(name, heldout, heldout=True)):
             if not keys:
@@ -434,7 +530,12 @@ class TeamTRTrainer(PPOTrainer):
             batch = self._compute_old_log_prob(batch, metrics)
             self._created.append(batch)
             batches.append(batch)
-        train, measure = batches
+        return batches[0], batches[1]
+
+    def _prepare_batches(self, name: str, rollout: TeamRollout, heldout: frozenset[int], prior_log_w, metrics: dict):
+        """The agent's trained rows (balanced, old log-probs, Eq. 9 advantages; HAPPO-weighted under ``happo``) and
+        its held-out rows (old log-probs only), each padded with this agent's own EOS id."""
+        train, measure = self._agent_rows(name, rollout, heldout, metrics)
         if train is None:
             raise ValueError(f"teamtr: agent {name!r} has no trained messages: every prompt group is held out "
                              f"(teamtr.certificate.heldout_fraction={self.team.certificate.heldout_fraction})")
@@ -605,6 +706,10 @@ class TeamTRTrainer(PPOTrainer):
         if bounds:
             metrics["teamtr/stage/certificate"] = float(sum(bounds))
         metrics["teamtr/stage/out_of_region"] = sum(1 for u in updates if u["kl_full"] > u["delta"])
+        for update in updates:  # the swap's paired gain: the team with the newcomer vs with the incumbent
+            if update.get("stage0") and update.get("crn_gain") is not None:
+                metrics["teamtr/stage0/crn_gain"] = update["crn_gain"]
+                metrics["teamtr/stage0/crn_gain_se"] = update["crn_gain_se"]
         for key, value in self.state.certificate_stats().items():
             metrics[f"teamtr/stage/{key}"] = value
 
@@ -662,7 +767,8 @@ class TeamTRTrainer(PPOTrainer):
         name = os.path.basename(folder.rstrip("/"))
         agent_dirs = (state.cursor["agent_dirs"] if state.cursor
                       else {agent: f"{name}/{agent}" for agent in self.team.trained_names})
-        if swap:  # the incoming model starts from its own directory, with a fresh optimizer
+        direct = swap and self.team.replace.method == "direct"
+        if direct:  # the incoming model starts from its own directory, with a fresh optimizer
             agent_dirs.pop(self.team.replace.agent, None)
         for stack in self._trained_stacks():
             if stack.name not in agent_dirs:
@@ -682,7 +788,7 @@ class TeamTRTrainer(PPOTrainer):
         keep = same_root and not self.config.trainer.del_local_ckpt_after_load
         self._saved_at = dict(agent_dirs) if keep else {}
         self.global_steps = checkpoints.stages_done(folder)
-        if swap:
+        if direct:  # (an aligned swap is recorded once its Stage 0 passes: _align_incoming)
             record = state.apply_replacement(self.team)
             self._swap_metrics = {f"teamtr/{record['agent']}/replaced": 1.0}
             print(f"teamtr: after stage {record['stage']}, agent {record['agent']!r} is now {record['to']} "

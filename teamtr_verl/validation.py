@@ -17,6 +17,7 @@ from teamtr_verl import checkpoints
 from teamtr_verl.config import TeamConfig, TeamConfigError, validate_placement
 from teamtr_verl.defaults import AGENT_LOOP_MANAGER, RESUME_MODES, TRAINER_MODE
 from teamtr_verl.defaults import AGENT_LOOP_NAME as AGENT_LOOP
+from teamtr_verl.topology import stacks_team
 
 DATA_FILE_KEYS = ("data.train_files", "data.val_files")
 # A URL (hdfs://, s3://, gs://, ...) is fetched by verl's or fsspec's own clients at load time: not checked here.
@@ -68,9 +69,17 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
         raise TeamConfigError(f"data.train_batch_size={config.data.train_batch_size!r} is smaller than the number of "
                               f"trained agents ({len(team.trained_names)}): teamtr.prompts_per_update=split needs a "
                               "prompt per update")
-    validate_placement(team, config.trainer.n_gpus_per_node * config.trainer.nnodes)
-    validate_micro_batches(config, team)
-    validate_ray_cpus(config, team)
+    stage0 = validate_resume(config, team)
+    built = stacks_team(team, stage0)  # the stacks this run builds: + the incoming model's during a Stage 0
+    try:
+        validate_placement(built, config.trainer.n_gpus_per_node * config.trainer.nnodes)
+        validate_micro_batches(config, built)
+        validate_ray_cpus(config, built)
+    except TeamConfigError as error:
+        if stage0:
+            raise TeamConfigError(f"teamtr.replace.method=aligned runs the incoming model beside the team until it "
+                                  f"is aligned: {error}") from None
+        raise
     for index, agent in enumerate(team.agents):
         cap = agent.sampling.max_new_tokens
         if cap is not None and cap > rollout.response_length:
@@ -78,15 +87,14 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
                                   f"actor_rollout_ref.rollout.response_length={rollout.response_length}: every "
                                   "message is padded to that length; lower the cap or raise data.max_response_length")
     validate_chat_templates(config, team)
-    validate_resume(config, team)
     for key in DATA_FILE_KEYS:
         _check_data_files(key, config.data.get(key.split(".", 1)[1]))
     return team
 
 
-def validate_resume(config: DictConfig, team: TeamConfig) -> None:
+def validate_resume(config: DictConfig, team: TeamConfig) -> bool:
     """The checkpoint to resume from was written by this team (or by its incumbent, for ``teamtr.replace``);
-    ``teamtr.replace`` needs one."""
+    ``teamtr.replace`` needs one. Returns whether this run starts with a Stage-0 aligned swap."""
     from teamtr_verl.state import STATE_FILE, TeamTRState  # torch (through algos): only when resuming
 
     folder = checkpoints.resume_folder(config.trainer)
@@ -99,11 +107,28 @@ def validate_resume(config: DictConfig, team: TeamConfig) -> None:
                 f"teamtr.replace.agent={team.replace.agent!r} needs a checkpoint to resume from, but "
                 f"trainer.resume_mode={config.trainer.resume_mode!r} finds none (trainer.default_local_dir="
                 f"{config.trainer.default_local_dir!r}): a swap replaces an agent of a trained team")
-        return
+        return False
     try:
-        TeamTRState.load(folder).check_matches(team, folder)
+        pending = TeamTRState.load(folder).check_matches(team, folder)
     except ValueError as error:
         raise TeamConfigError(str(error)) from None
+    stage0 = pending and team.replace.method == "aligned"
+    if stage0:
+        validate_stage0_tokenizer(team)
+    return stage0
+
+
+def validate_stage0_tokenizer(team: TeamConfig) -> None:
+    """A Stage-0 aligned swap scores the incumbent's messages token by token with the newcomer: same tokenizer."""
+    from transformers import AutoTokenizer
+
+    swap = team.replace
+    incumbent, incoming = (AutoTokenizer.from_pretrained(path) for path in (swap.incumbent, swap.model))
+    if incumbent.get_vocab() != incoming.get_vocab() or incumbent.eos_token_id != incoming.eos_token_id:
+        raise TeamConfigError(
+            f"teamtr.replace.model={swap.model!r} has another tokenizer than the incumbent ({swap.incumbent}): "
+            "method=aligned scores the incumbent's messages token by token and needs the same vocabulary (alignment "
+            "across tokenizers is not built yet); use method=direct")
 
 
 def validate_chat_templates(config: DictConfig, team: TeamConfig) -> None:

@@ -11,7 +11,9 @@ team of two tiny agents (different sizes and tokenizers) on CPU with real Ray, F
 * the `stale` schedule runs from the same entry point (the paper's central comparison is one flag), here on a
   three-agent round-robin team where one agent speaks twice;
 * a frozen agent (`train: false`) speaks through its own servers, with no actor worker, and is never updated,
-  synced or saved.
+  synced or saved;
+* an aligned swap (Stage 0) probes the team with the incumbent, measures the newcomer's KL on held-out probe
+  messages, and hands the agent's turns to the newcomer's servers; one that misses δ₀ is refused, saving nothing.
 """
 
 import json
@@ -23,7 +25,7 @@ import pytest
 import torch
 
 from teamtr_verl import algos
-from teamtr_verl.fixtures import build_tiny_model, write_addition_dataset
+from teamtr_verl.fixtures import build_tiny_model, perturbed_copy, write_addition_dataset
 from teamtr_verl.runs import run_main_ppo, team_override
 
 pytestmark = pytest.mark.e2e
@@ -128,7 +130,7 @@ def test_resume_swaps_bob_for_a_new_model_and_carries_alice_beta_and_order_over(
     _, ckpt, _ = two_stages
     resumed_dir = tmp_path / "resumed"
     new_bob = build_tiny_model(tmp_path / "bob_v2", seed=2, num_layers=3)  # 3 layers, hidden 128, its own tokenizer
-    swap = f"teamtr.replace={{agent: bob, model: '{new_bob}'}}"
+    swap = f"teamtr.replace={{agent: bob, model: '{new_bob}', method: direct}}"
     common = ("trainer.save_freq=1", f"trainer.default_local_dir={resumed_dir / 'ckpt'}", "teamtr.max_backtracks=0",
               "teamtr.step_safety=1e-9", "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
               "teamtr.order=random", swap)
@@ -175,6 +177,65 @@ def test_resume_swaps_bob_for_a_new_model_and_carries_alice_beta_and_order_over(
     w3 = hf_weights(resumed_dir / "ckpt" / "global_step_3" / "bob" / "huggingface")
     assert max((w2[k].float() - w3[k].float()).abs().max().item() for k in w2) <= 1e-12
     assert stages[3]["teamtr/bob/rollout_probs_diff_max"] < 1e-3
+
+
+# An aligned swap runs the newcomer's stack beside the team's: split placement needs a third device, and verl's
+# batch of 6 prompts x n=2 must divide by it.
+STAGE0_RUN = ("trainer.n_gpus_per_node=3", "ray_kwargs.ray_init.num_cpus=24", "data.train_batch_size=6",
+              "trainer.total_training_steps=2", "trainer.resume_mode=resume_path")
+
+
+def test_an_aligned_swap_probes_the_team_then_hands_bobs_turns_to_the_newcomer(two_stages, team, tmp_path):
+    """Stage 0 from the stage-1 checkpoint: a probe regeneration with the incumbent bob, the KL of the newcomer (the
+    incumbent's weights plus noise) on the held-out probe messages, then, within δ₀, the swap: the stage trains
+    the newcomer as bob, and his turns are sampled by the newcomer's servers (with the incumbent's, whose KL to the
+    newcomer is ≥ 0.02 per message, the rollout-vs-actor log-prob gap would be far above 1e-3)."""
+    _, ckpt, _ = two_stages
+    _, bob, _ = team
+    newcomer = perturbed_copy(ckpt / "global_step_1" / "bob" / "huggingface", tmp_path / "bob_noisy", 0.2, seed=3,
+                              tokenizer_dir=bob)
+    workdir = tmp_path / "aligned"
+    stages = run_teamtr(team, workdir, *STAGE0_RUN, f"trainer.resume_from_path={ckpt / 'global_step_1'}",
+                        "trainer.save_freq=1", f"trainer.default_local_dir={workdir / 'ckpt'}",
+                        f"teamtr.replace={{agent: bob, model: '{newcomer}', delta0: 1.0}}")
+    assert sorted(stages) == [2]
+    metrics = stages[2]
+    assert metrics["teamtr/bob/replaced"] == 1.0 and metrics["teamtr/stage0/delta0"] == 1.0
+    assert 0.02 <= metrics["teamtr/stage0/kl"] <= 1.0
+    assert metrics["teamtr/stage0/episodes"] == 12  # 6 prompts x n=2, bob speaks once in each
+    assert metrics["teamtr/stage0/probe_messages"] + metrics["teamtr/stage0/heldout_messages"] == 12
+    for agent in ("alice", "bob"):
+        assert metrics[f"teamtr/{agent}/rollout_probs_diff_max"] < 1e-3, agent
+    assert "teamtr/stage0/crn_gain" in metrics  # the stage's first regeneration paired with the probe
+    state = json.loads((workdir / "ckpt" / "global_step_2" / "teamtr_state.json").read_text())
+    assert state["agent_models"]["bob"] == str(newcomer)
+    record = state["replacements"][0]
+    assert (record["method"], record["stage"], record["epochs"], len(record["kl_curve"])) == (
+        "aligned", 1, metrics["teamtr/stage0/epochs"], metrics["teamtr/stage0/epochs"] + 1)
+    stage0 = [u for u in state["ledger"] if u.get("stage0")]
+    assert len(stage0) == 1 and stage0[0]["surrogate"] == 0.0 and stage0[0]["crn_gain"] is not None
+
+
+def test_an_aligned_swap_that_misses_delta0_is_refused_and_the_checkpoint_is_untouched(two_stages, team, tmp_path):
+    _, ckpt, _ = two_stages
+    alice, bob, data = team
+    newcomer = perturbed_copy(ckpt / "global_step_1" / "bob" / "huggingface", tmp_path / "bob_noisy", 0.2, seed=4,
+                              tokenizer_dir=bob)
+    before = (ckpt / "global_step_1" / "teamtr_state.json").read_bytes()
+    workdir = tmp_path / "refused"
+    result, rows = run_main_ppo("teamtr_tiny_cpu", [
+        team_override({"alice": alice, "bob": bob}),
+        f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}", ALICE_SAMPLING,
+        *STAGE0_RUN, f"trainer.resume_from_path={ckpt / 'global_step_1'}", "trainer.save_freq=1",
+        f"trainer.default_local_dir={workdir / 'ckpt'}",
+        f"teamtr.replace={{agent: bob, model: '{newcomer}', delta0: 1.0e-9, max_epochs: 1}}",
+    ], workdir)
+    assert result.returncode != 0
+    message = re.search(r"teamtr.replace: agent 'bob' -> \S+: not aligned within 1 steps: KL (\S+) > delta0 1e-09 "
+                        r"\(curve (\S+), (\S+)\); the swap is refused. Nothing was saved", result.stderr)
+    assert message, result.stderr[-3000:]
+    assert not rows and not (workdir / "ckpt").exists()  # no stage ran, nothing was written
+    assert (ckpt / "global_step_1" / "teamtr_state.json").read_bytes() == before
 
 
 def test_stale_schedule_runs_a_three_agent_round_robin_from_the_same_entry_point(team, tmp_path):

@@ -407,6 +407,10 @@ def test_split_placement_must_fit(models):
         "but trainer.n_gpus_per_node * trainer.nnodes = 2"
     )
     validate_placement(team, 3)  # exactly enough
+    with pytest.raises(TeamConfigError, match=r"^teamtr.placement='split' uses 3 devices \(planner: 1, solver: 2\) "
+                                              r"but trainer.n_gpus_per_node \* trainer.nnodes = 4: verl's split gives "
+                                              r"every device to an agent"):
+        validate_placement(team, 4)  # verl's split_resource_pool asserts the slices add up to the world size
 
 
 def test_colocate_ignores_n_devices(models):
@@ -589,7 +593,8 @@ def test_replace_shows_the_team_after_the_swap_and_keeps_the_incumbent(models):
     δ and sampling (the team's protocol) stay; the other agents are untouched; the incumbent is remembered."""
     block = _block(models)
     block["agents"][1].update(role_prompt="You solve.", delta=0.05, sampling={"temperature": 0.7})
-    block["replace"] = {"agent": "solver", "model": models["critic"], "chat_template_kwargs": {"enable_thinking": False}}
+    block["replace"] = {"agent": "solver", "model": models["critic"], "method": "direct",
+                        "chat_template_kwargs": {"enable_thinking": False}}
     team = TeamConfig.from_config(block)
     solver = team.agent("solver")
     assert (solver.model, solver.role_prompt, solver.delta, solver.sampling.temperature) == (
@@ -598,6 +603,8 @@ def test_replace_shows_the_team_after_the_swap_and_keeps_the_incumbent(models):
     assert team.agent("planner") == AgentSpec(name="planner", model=models["planner"])
     assert (team.replace.agent, team.replace.model, team.replace.incumbent, team.replace.method) == (
         "solver", models["critic"], models["solver"], "direct")
+    assert team.replace.incumbent_agent == TeamConfig.from_config(_block(models) | {
+        "agents": block["agents"]}).agent("solver")  # the agent as configured, before the swap
 
 
 @pytest.mark.parametrize("replace, expected", [
@@ -605,13 +612,19 @@ def test_replace_shows_the_team_after_the_swap_and_keeps_the_incumbent(models):
                                           "planner, solver"),
     ({"agent": "solver"}, "teamtr.replace.model is missing"),
     ({"agent": "solver", "model": "SOLVER"}, "is already the model of agent 'solver' (teamtr.agents[1].model)"),
-    ({"agent": "solver", "model": "NEW", "method": "aligned"}, "teamtr.replace.method='aligned' is not valid: "
-                                                                "choose one of direct"),
+    ({"agent": "solver", "model": "NEW", "method": "distil"}, "teamtr.replace.method='distil' is not valid: "
+                                                               "choose one of aligned, direct"),
     ({"agent": "solver", "model": "NEW", "incumbent": "x"}, "teamtr.replace.incumbent is not a known key: known "
-                                                              "keys are agent, model, method, chat_template, "
-                                                              "chat_template_kwargs"),
-    ({"agent": "solver", "model": "NEW", "chat_template_kwargs": 3}, "teamtr.replace.chat_template_kwargs=3 must "
-                                                                      "be a mapping"),
+                                                              "keys are agent, model, method, delta0, max_epochs, "
+                                                              "heldout_fraction, chat_template, chat_template_kwargs"),
+    ({"agent": "solver", "model": "NEW", "method": "direct", "chat_template_kwargs": 3},
+     "teamtr.replace.chat_template_kwargs=3 must be a mapping"),
+    ({"agent": "solver", "model": "NEW", "chat_template_kwargs": {"enable_thinking": False}},
+     "teamtr.replace.chat_template_kwargs={'enable_thinking': False} cannot be used with method=aligned"),
+    ({"agent": "solver", "model": "NEW", "delta0": 0}, "teamtr.replace.delta0=0 must be > 0"),
+    ({"agent": "solver", "model": "NEW", "max_epochs": -1}, "teamtr.replace.max_epochs=-1 must be >= 0"),
+    ({"agent": "solver", "model": "NEW", "heldout_fraction": 1.0}, "teamtr.replace.heldout_fraction=1.0 must be a "
+                                                                    "number in (0, 1)"),
     ("solver", "teamtr.replace='solver' must be a mapping"),
 ])
 def test_bad_replace(models, replace, expected):
@@ -619,6 +632,27 @@ def test_bad_replace(models, replace, expected):
         replace = {k: {"NEW": models["critic"], "SOLVER": models["solver"]}.get(v, v) if isinstance(v, str) else v
                    for k, v in replace.items()}
     assert expected in _error(_block(models, replace=replace))
+
+
+def test_aligned_replace_defaults_and_what_it_refuses(models):
+    """method=aligned is the default; δ₀ falls back to the replaced agent's δ; a frozen agent, or an agent whose
+    incoming stack name is already an agent's, cannot be swapped with it."""
+    team = TeamConfig.from_config(_block(models, delta=0.02, replace={"agent": "solver", "model": models["critic"]}))
+    assert (team.replace.method, team.replace.delta0, team.replace.max_epochs, team.replace.heldout_fraction) == (
+        "aligned", None, 20, 0.25)
+    assert team.stage0_delta() == 0.02
+    block = _block(models, replace={"agent": "solver", "model": models["critic"], "delta0": 0.5})
+    block["agents"][1]["delta"] = 0.03
+    assert TeamConfig.from_config(block).stage0_delta() == 0.5
+    frozen = _block(models, replace={"agent": "solver", "model": models["critic"]})
+    frozen["agents"][1]["train"] = False
+    assert "teamtr.replace.method='aligned' needs a trained agent, but 'solver' is frozen" in _error(frozen)
+    frozen["replace"]["method"] = "direct"
+    assert TeamConfig.from_config(frozen).agent("solver").model == models["critic"]
+    clash = {"agents": [{"name": "solver", "model": models["solver"]},
+                        {"name": "solver-incoming", "model": models["planner"]}],
+             "replace": {"agent": "solver", "model": models["critic"]}}
+    assert "while the team has an agent named 'solver-incoming'" in _error(clash)
 
 
 def test_replace_model_must_exist(models, tmp_path):

@@ -14,6 +14,7 @@ from teamtr_verl.topology import (
     bundle_cpus_per_node,
     expected_server_names,
     replica_rank_offsets,
+    stacks_team,
 )
 
 
@@ -40,6 +41,22 @@ def test_split_offsets_and_server_names(model_dirs):
     assert replica_rank_offsets(config, team) == {"a0": 0, "a1": 1, "a2": 3}
     assert expected_server_names(config, team) == {
         "a0": ["vllm_server_0_0"], "a1": ["vllm_server_1_0", "vllm_server_2_0"], "a2": ["vllm_server_3_0"]}
+
+
+def test_an_aligned_swap_builds_the_incumbent_in_place_and_the_newcomer_last(model_dirs, tmp_path):
+    """While Stage 0 is to be done, the stacks are the checkpoint's team (a1 with its incumbent model and its own
+    overrides) plus a1's newcomer as a 4th agent, with a1's devices and overrides, and its own replica ranks."""
+    config = compose_team(model_dirs, gpus=6, extra_overrides=[
+        f"+teamtr.replace={{agent: a1, model: '{model_dirs[2]}'}}"])
+    team = TeamConfig.from_config(config.teamtr)
+    assert stacks_team(team, stage0=False) is team
+    built = stacks_team(team, stage0=True)
+    assert built.agent_names == ("a0", "a1", "a2", "a1-incoming") and built.replace is None
+    assert built.agent("a1") == team.replace.incumbent_agent and built.agent("a1").model == str(model_dirs[1])
+    incoming = built.agent("a1-incoming")
+    assert (incoming.model, incoming.n_devices, incoming.actor) == (str(model_dirs[2]), 2, team.agent("a1").actor)
+    assert replica_rank_offsets(config, built) == {"a0": 0, "a1": 1, "a2": 3, "a1-incoming": 4}
+    assert expected_server_names(config, built)["a1-incoming"] == ["vllm_server_4_0", "vllm_server_5_0"]
 
 
 def test_colocate_every_agent_spans_all_devices(model_dirs):

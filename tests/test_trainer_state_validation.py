@@ -194,7 +194,7 @@ def test_check_matches_accepts_the_same_team():
 
 
 def swap_bob(model="/models/bob-v2", frozen=()):
-    return team(frozen=frozen, replace={"agent": "bob", "model": model})
+    return team(frozen=frozen, replace={"agent": "bob", "model": model, "method": "direct"})
 
 
 def test_check_matches_tells_a_pending_swap_from_a_done_one():
@@ -224,7 +224,8 @@ def test_a_swap_is_refused_inside_a_stage():
 def test_apply_replacement_records_the_swap_and_restarts_only_that_agents_beta():
     state = busy_state()
     before = copy.deepcopy(state)
-    t = team(order="random", order_seed=5, beta_init=0.2, replace={"agent": "bob", "model": "/models/bob-v2"})
+    t = team(order="random", order_seed=5, beta_init=0.2,
+             replace={"agent": "bob", "model": "/models/bob-v2", "method": "direct"})
     record = state.apply_replacement(t)
     assert record == {"stage": 2, "agent": "bob", "from": "/models/bob", "to": "/models/bob-v2", "method": "direct"}
     assert state.replacements == [record]
@@ -574,7 +575,8 @@ def test_replace_needs_a_checkpoint_and_a_checkpoint_must_match_before_ray(good_
     config = copy.deepcopy(good_config)
     OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path / "ckpt"))
     OmegaConf.update(config, "trainer.resume_mode", "auto")
-    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[0])}, force_add=True)
+    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[0]), "method": "direct"},
+                     force_add=True)
     with pytest.raises(TeamConfigError, match=r"^teamtr.replace.agent='bob' needs a checkpoint to resume from, but "
                                               r"trainer.resume_mode='auto' finds none"):
         validate_teamtr_config(config)
@@ -593,6 +595,37 @@ def test_replace_needs_a_checkpoint_and_a_checkpoint_must_match_before_ray(good_
     OmegaConf.update(config, "trainer.resume_from_path", str(tmp_path / "global_step_7"))
     with pytest.raises(TeamConfigError, match="global_step_7' holds no teamtr_state.json: it is not a committed"):
         validate_teamtr_config(config)
+
+
+def test_an_aligned_swap_is_checked_before_ray(good_config, model_dirs, tmp_path):
+    """Only while it is pending (the checkpoint holds the incumbent): the newcomer must share the incumbent's
+    tokenizer, and the team plus the newcomer's stack must fit the devices (split: one more agent's share)."""
+    config = copy.deepcopy(good_config)
+    OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path / "ckpt"))
+    OmegaConf.update(config, "trainer.resume_mode", "auto")
+    folder = tmp_path / "ckpt" / "global_step_2"
+    folder.mkdir(parents=True)
+    (tmp_path / "ckpt" / "teamtr_latest.txt").write_text("global_step_2")
+    TeamTRState.initial(validate_teamtr_config(copy.deepcopy(good_config))).save(folder)
+    same_tokenizer = build_tiny_model(tmp_path / "bob_v2", seed=5, hidden_size=64, vocab_size=300, num_layers=3,
+                                      tokenizer_dir=model_dirs[1])
+    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[0])}, force_add=True)
+    with pytest.raises(TeamConfigError, match=r"^teamtr.replace.model='.*' has another tokenizer than the incumbent "
+                                              r"\(.*\): method=aligned scores the incumbent's messages token by token"):
+        validate_teamtr_config(config)
+    OmegaConf.update(config, "teamtr.replace.model", str(same_tokenizer))
+    with pytest.raises(TeamConfigError, match=r"^teamtr.replace.method=aligned runs the incoming model beside the team "
+                                              r"until it is aligned: teamtr.placement='split' needs 3 devices \(alice: 1, "
+                                              r"bob: 1, bob-incoming: 1\) but trainer.n_gpus_per_node \* trainer.nnodes = 2"):
+        validate_teamtr_config(config)
+    OmegaConf.update(config, "trainer.n_gpus_per_node", 3)
+    OmegaConf.update(config, "ray_kwargs.ray_init.num_cpus", 64)
+    assert validate_teamtr_config(config).agent("bob").model == str(same_tokenizer)
+    # once the swap is done, the checkpoint holds the newcomer: nothing more is checked (two devices are enough)
+    done = TeamTRState.initial(validate_teamtr_config(copy.deepcopy(config)))
+    done.save(folder)
+    OmegaConf.update(config, "trainer.n_gpus_per_node", 2)
+    validate_teamtr_config(config)
 
 
 @pytest.mark.parametrize("path, ok", [("/ckpt/global_step_3", True), ("/ckpt/stage_4_update_1", True),

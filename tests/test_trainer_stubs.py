@@ -203,10 +203,12 @@ class Script:
     line-search step; a float: every message moves by it; a callable key -> shift: per message). The held-out rows
     measured after the commit move like the last evaluation. ``update_metrics``: per agent, verl update metrics.
     ``returns(generation, prompt, session)``: the scripted return of an episode; ``drop``: generation -> episodes
-    whose trajectory verl dropped (a failed reward)."""
+    whose trajectory verl dropped (a failed reward); ``monitor``: per worker group of an incoming model, the shift of
+    each Stage-0 KL measurement on the held-out probe messages."""
 
-    def __init__(self, kl=None, update_metrics=None, returns=default_return, drop=None):
+    def __init__(self, kl=None, update_metrics=None, returns=default_return, drop=None, monitor=None):
         self.kl = defaultdict(deque, {k: deque(v) for k, v in (kl or {}).items()})
+        self.monitor = {k: deque(v) for k, v in (monitor or {}).items()}  # Stage 0: per incoming worker group
         self.update_metrics = defaultdict(deque, {k: deque(v) for k, v in (update_metrics or {}).items()})
         self.returns = returns
         self.drop = drop or {}
@@ -295,7 +297,7 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
     trainer.balance_tokenizers = []  # (agent, tokenizer) per _balance_batch call
     trainer.rollouts = rollouts = FakeRollouts(trainer, log, script)
     trainer._saved_at, trainer._stage_data_state, trainer._stage_saved = {}, None, False  # as __init__ sets them
-    trainer._swap_metrics = {}
+    trainer._swap_metrics, trainer._stage0, trainer._incoming = {}, False, None
 
     def bound_agent():
         return trainer.actor_rollout_wg.name  # _bind points actor_rollout_wg at the updated agent's worker group
@@ -322,8 +324,11 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
 
     def fresh_log_probs(batch):
         name = bound_agent()
-        trained = trainer.trained_keys[-1]
-        if trained == (name, list(batch.keys)):
+        trained = trainer.trained_keys[-1] if trainer.trained_keys else None
+        if script.monitor.get(name):  # Stage 0: the incoming model against the incumbent's held-out probe messages
+            log.append(("monitor", name))
+            entry = script.monitor[name].popleft()
+        elif trained == (name, list(batch.keys)):
             log.append(("kl_check", name))
             entry = script.next_shift(name)
         else:  # the held-out rows, measured after the commit: they move as the committed step did
@@ -1083,7 +1088,8 @@ def test_a_resumed_run_swaps_one_agent_and_carries_the_rest_of_the_team_over(mak
 
     swapped = copy.deepcopy(config)
     OmegaConf.update(swapped, "trainer.resume_mode", "auto")
-    OmegaConf.update(swapped, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[2])}, force_add=True)
+    OmegaConf.update(swapped, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[2]), "method": "direct"},
+                     force_add=True)
     resumed = make_trainer(swapped, log)
     resumed.train_dataloader = FakeDataloader()
     resumed._load_checkpoint()
@@ -1113,6 +1119,90 @@ def test_a_resumed_run_swaps_one_agent_and_carries_the_rest_of_the_team_over(mak
     metrics = {}
     again.step(metrics, {})
     assert "teamtr/bob/replaced" not in metrics
+
+
+def k3_message(shift):
+    """The k3 KL of one stub message whose TOKENS tokens each have log π_new = log π_cur − shift/TOKENS."""
+    return TOKENS * (math.exp(-shift / TOKENS) - 1 + shift / TOKENS)
+
+
+def aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, monitor, **replace):
+    config = team_config(base_configs, 2)
+    OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path))
+    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[2]), **replace},
+                     force_add=True)
+    trainer = make_trainer(config, log, Script(monitor={"bob-new": monitor}), global_steps=4)
+    trainer.state.stages_done = 3
+    # as _setup builds it while the swap is pending: bob's stack holds the incumbent, the newcomer has its own
+    trainer._stage0 = True
+    trainer._incoming = FakeStack("bob-incoming", trainer.stacks["bob"].config, FakeWorkerGroup("bob-new", log),
+                                  FakeCheckpointManager("bob-new", log))
+    trainer._route_turns = lambda old, new: log.append(("route", old.worker_group.name, new.worker_group.name))
+    return trainer
+
+
+def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agents_place(
+        make_trainer, base_configs, model_dirs, tmp_path):
+    """Stage 0 before the stage's first update: one probe regeneration with the incumbent; the incumbent scores its
+    own training and held-out messages; the newcomer gets the loss at β = 1 and trains one epoch at a time while the
+    held-out KL (k3) is above δ₀ = δ = 0.01 (curve 0.213, 0.0576, 0.00246: two epochs); its weights go into its
+    servers, the agent's turns are routed to them and the incumbent's servers sleep. Then the stage runs as usual
+    with the newcomer as bob; its first regeneration pairs with the probe (the swap's gain) and reuses alice's turns."""
+    log = []
+    trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, [1.0, 0.5, 0.1])
+    incumbent_models = dict(trainer.state.agent_models)
+    metrics = {}
+    trainer.step(metrics, {})
+    stage0 = (REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2
+              + [("set_loss_fn", "bob-new", 1.0), ("monitor", "bob-new"), ("update", "bob-new"),
+                 ("monitor", "bob-new"), ("update", "bob-new"), ("monitor", "bob-new"), ("sync", "bob-new"),
+                 ("route", "bob", "bob-new"), ("sleep", "bob")])
+    assert log == stage0 + REGEN + agent_block("alice") + REGEN + agent_block("bob-new") + REGEN
+    assert trainer.written_advantages[0] == ("bob-new", {})  # zero advantage: the loss is β·KL alone
+    curve = [k3_message(1.0), k3_message(0.5), k3_message(0.1)]
+    assert (metrics["teamtr/stage0/kl"], metrics["teamtr/stage0/kl_initial"]) == (
+        pytest.approx(curve[2], rel=1e-5), pytest.approx(curve[0], rel=1e-5))  # float32 log-probs
+    assert (metrics["teamtr/stage0/epochs"], metrics["teamtr/stage0/delta0"], metrics["teamtr/bob/replaced"]) == (
+        2, DELTA, 1.0)
+    held = heldout_prompts(PROMPTS, 0.25, 4, 0)
+    assert (metrics["teamtr/stage0/probe_messages"], metrics["teamtr/stage0/heldout_messages"]) == (
+        (PROMPTS - len(held)) * SESSIONS, len(held) * SESSIONS)
+    # the probe and the stage's first regeneration: same prompts and seeds, alice's turns reused, gain 0.25 exactly
+    probe, first = trainer.rollouts.submitted[:2]
+    assert probe["seed"] == first["seed"] and probe["prefix"] is None
+    assert all(set(p) == {"0", "1"} and all(len(turns) == 1 for turns in p.values()) for p in first["prefix"])
+    assert metrics["teamtr/stage0/crn_gain"] == pytest.approx(RETURN_STEP)
+    state = trainer.state
+    assert state.agent_models == {**incumbent_models, "bob": str(model_dirs[2])}
+    record = state.replacements[0]
+    assert {k: record[k] for k in ("stage", "agent", "from", "to", "method", "epochs")} == {
+        "stage": 3, "agent": "bob", "from": incumbent_models["bob"], "to": str(model_dirs[2]), "method": "aligned",
+        "epochs": 2}
+    assert record["kl_curve"] == pytest.approx(curve, rel=1e-5)
+    stage0_entry = state.ledger[0]
+    assert (stage0_entry["agent"], stage0_entry["stage0"], stage0_entry["surrogate"], stage0_entry["bound"]) == (
+        "bob", True, 0.0, None)
+    assert stage0_entry["kl"] == pytest.approx(curve[2], rel=1e-5)
+    assert [u["agent"] for u in state.ledger] == ["bob", "alice", "bob"]
+    assert trainer.stacks["bob"].worker_group.name == "bob-new" and trainer.stacks["bob"].name == "bob"
+    trainer.train_dataloader = FakeDataloader(position=3)
+    trainer._save_checkpoint()
+    assert [e[:2] for e in log if e[0] == "save"] == [("save", "alice"), ("save", "bob-new")]
+    assert sorted(p.name for p in (tmp_path / "global_step_4").iterdir()) == ["alice", "bob", "data.pt",
+                                                                             "teamtr_state.json"]
+
+
+def test_an_aligned_swap_that_misses_delta0_is_refused_and_saves_nothing(make_trainer, base_configs, model_dirs,
+                                                                         tmp_path):
+    log = []
+    trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, [1.0, 0.5], max_epochs=1)
+    before = copy.deepcopy(trainer.state)
+    with pytest.raises(trainer_module.Stage0RefusedError,
+                       match=r"teamtr.replace: agent 'bob' -> .*: not aligned within 1 steps: KL 0.0576 > delta0 0.01 "
+                             r"\(curve 0.2131, 0.0576\); the swap is refused. Nothing was saved"):
+        trainer.step({}, {})
+    assert [e for e in log if e[0] in ("save", "sync", "route")] == []
+    assert trainer.state == before and not list(tmp_path.iterdir())
 
 
 class Killed(Exception):
