@@ -86,8 +86,9 @@ from teamtr_verl.defaults import (  # noqa: E402 (after __all__: the lists are r
 # Placeholders a handoff.message_format may use (see team_logic.format_transcript).
 MESSAGE_FORMAT_FIELDS = ("name", "content", "turn")
 ANSWER_LAST = "last"
-# `stage` would collide with the metric namespace teamtr/stage/...; `last` with handoff.answer's keyword.
-RESERVED_AGENT_NAMES = ("stage", ANSWER_LAST)
+# `stage`, `stage0` and `rollout` would collide with the metric namespaces teamtr/<name>/...; `last` with
+# handoff.answer's keyword.
+RESERVED_AGENT_NAMES = ("stage", "stage0", "rollout", ANSWER_LAST)
 AGENT_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
 _AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
 # How teamtr.replace brings the incoming model in: `aligned` first distils it into the incumbent's KL ball on the
@@ -190,9 +191,11 @@ class ReplaceSpec:
     """``teamtr.replace``: resume a run with agent ``agent``'s model swapped for ``model``.
 
     ``incumbent`` is the model the agent was configured with (``teamtr.agents[i].model``): the one the checkpoint's
-    weights were trained from. In :class:`TeamConfig` the agent's spec already carries the new model (and the
-    optional chat-template override), so every consumer (topology, agent loop, validation) sees the team after the
-    swap; only the resume check (:meth:`teamtr_verl.state.TeamTRState.resolve_replacement`) needs the incumbent.
+    weights were trained from; ``incumbent_agent`` the agent's whole spec as configured. In :class:`TeamConfig` the
+    agent's spec already carries the new model (and, ``direct`` only, the chat-template override), so the agent loop
+    and the trainer see the team after the swap; the resume check (:meth:`teamtr_verl.state.TeamTRState.
+    check_matches`), the Stage-0 stacks (:func:`teamtr_verl.topology.stacks_team`) and the tokenizer check use the
+    incumbent.
     """
 
     agent: str
@@ -479,6 +482,11 @@ def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: b
         raise _fail(f"{key}.heldout_fraction", heldout, "must be a number in (0, 1): the alignment is measured on "
                                                        "held-out probe prompts and trained on the others")
     template = entry.get("chat_template")
+    if method == "direct":  # keys only Stage 0 reads would be silently ignored
+        for unused in ("delta0", "max_epochs", "heldout_fraction"):
+            if entry.get(unused) is not None:
+                raise _fail(f"{key}.{unused}", entry[unused], "does nothing with method=direct (no Stage 0): remove "
+                                                              "it, or use method=aligned")
     if method == "aligned":
         if not incumbent_agent.train:
             raise _fail(f"{key}.method", method, f"needs a trained agent, but {name!r} is frozen (train: false): "

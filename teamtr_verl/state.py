@@ -144,6 +144,7 @@ class TeamTRState:
         self.agent_models[swap.agent] = swap.model
         if swap.agent in self.beta:
             self.beta[swap.agent] = BetaState(beta=team.beta_init_of(swap.agent)).to_dict()
+            self.kl_history[swap.agent] = []
         self.replacements.append(record)
         return record
 

@@ -109,8 +109,11 @@ def load_stages(metrics_file: str | Path) -> dict[int, dict]:
 
 
 def agents_of(stages: dict[int, dict]) -> list[str]:
+    """The trained agents of a run: those with an update KL (``teamtr/<agent>/kl``); a frozen agent swapped by
+    ``teamtr.replace`` has only ``teamtr/<agent>/replaced``, and ``teamtr/stage0/...`` is the swap's own namespace."""
     names = {key.split("/")[1] for data in stages.values() for key in data
-             if key.startswith("teamtr/") and key.count("/") == 2 and key.split("/")[1] not in ("stage", "rollout")}
+             if key.startswith("teamtr/") and key.count("/") == 2 and key.endswith("/kl")
+             and key.split("/")[1] not in ("stage", "rollout", "stage0")}
     return sorted(names)
 
 

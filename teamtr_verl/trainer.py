@@ -146,6 +146,7 @@ class TeamTRTrainer(PPOTrainer):
         self._swap_metrics: dict = {}  # teamtr.replace done at resume: reported with the next stage
         self._stage0 = False  # a Stage-0 aligned swap runs before the first stage's first update
         self._incoming = None  # its incoming model's stack, until the swap
+        self._retired: list = []  # the incumbent's stack after the swap (asleep; kept referenced)
 
     # ---------------------------------------------------------------------------------------------------- set-up
     def _setup(self):
@@ -175,7 +176,7 @@ class TeamTRTrainer(PPOTrainer):
     def fit(self, agent_loop_manager):
         # verl creates its agent-loop workers between _setup and fit: watch them too (a dead one hangs a rollout)
         self.watch.watch_shared_workers()
-        for line in self.watch.summary()[len(self.team.agent_names):]:
+        for line in self.watch.summary()[len(self.watch.actors_of):]:
             print(line, flush=True)
         try:
             return super().fit(agent_loop_manager)
@@ -379,7 +380,10 @@ class TeamTRTrainer(PPOTrainer):
             self.state.forget_unmeasured(self.global_steps)
             return
         gain = algos.paired_gain([new[e] for e in both], [old[e] for e in both])
-        for update in self.state.record_paired_gain(gain, self.global_steps):
+        updates = self.state.record_paired_gain(gain, self.global_steps)
+        if updates and all(update.get("stage0") for update in updates):
+            return  # the swap's own gain: teamtr/stage0/crn_gain (_log_stage), never the agent's or the stage's
+        for update in updates:
             metrics[f"teamtr/{update['agent']}/crn_gain"] = gain.mean
             metrics[f"teamtr/{update['agent']}/crn_gain_se"] = gain.se
         metrics["teamtr/stage/negative_gains"] = metrics.get("teamtr/stage/negative_gains", 0) + int(gain.mean < 0)
@@ -410,7 +414,10 @@ class TeamTRTrainer(PPOTrainer):
         incumbent, incoming = self.stacks[name], self._incoming
         incoming.name = name  # from now on it is the agent: its checkpoints, syncs and metrics
         self.stacks[name] = incoming
+        incoming.checkpoint_manager.sleep_replicas()  # its servers' memory for its training (the sync wakes them)
         with self._agent_context(name):
+            if self.use_reference_policy:  # actor.use_kl_loss: verl's loss reads the reference log-probs
+                train = self._compute_ref_log_prob(train, {})
             train = write_advantages(train, {})  # zero advantage: the loss is β·KL(π_incumbent ‖ π_new) alone
             self._push_loss(name, STAGE0_BETA)
             curve = [self._stage0_kl(monitor)]
@@ -427,6 +434,7 @@ class TeamTRTrainer(PPOTrainer):
         self._sync(name, metrics)
         self._route_turns(incumbent, incoming)
         incumbent.checkpoint_manager.sleep_replicas()  # its servers serve no turn any more
+        self._retired.append(incumbent)  # its actors (watched as the agent's) live until the run ends
         self._incoming, self._stage0 = None, False
         self._saved_at.pop(name, None)
         sizes = {"probe_messages": len(probe.keys_of(name, held, heldout=False)),

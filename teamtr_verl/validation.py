@@ -79,6 +79,9 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
         if stage0:
             raise TeamConfigError(f"teamtr.replace.method=aligned runs the incoming model beside the team until it "
                                   f"is aligned: {error}") from None
+        if team.replace is not None and team.replace.method == "aligned":
+            raise TeamConfigError(f"{error} (the swap of {team.replace.agent!r} is done: the incoming model's extra "
+                                  "devices are not needed any more)") from None
         raise
     for index, agent in enumerate(team.agents):
         cap = agent.sampling.max_new_tokens
@@ -129,6 +132,12 @@ def validate_stage0_tokenizer(team: TeamConfig) -> None:
             f"teamtr.replace.model={swap.model!r} has another tokenizer than the incumbent ({swap.incumbent}): "
             "method=aligned scores the incumbent's messages token by token and needs the same vocabulary (alignment "
             "across tokenizers is not built yet); use method=direct")
+    # the probe renders the agent's turns with the newcomer's tokenizer: they must be what the incumbent saw
+    if swap.incumbent_agent.chat_template is None and incumbent.chat_template != incoming.chat_template:
+        raise TeamConfigError(
+            f"teamtr.replace.model={swap.model!r} has another chat template than the incumbent ({swap.incumbent}): "
+            "the Stage-0 probe would show the incumbent contexts it never saw; give the agent the incumbent's template "
+            "(teamtr.agents[i].chat_template) or use method=direct")
 
 
 def validate_chat_templates(config: DictConfig, team: TeamConfig) -> None:

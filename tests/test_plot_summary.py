@@ -47,6 +47,21 @@ def test_summary_states_the_numbers(tmp_path):
            "committed KL used 60% of delta (median)" in text
 
 
+def test_a_swap_s_metrics_are_not_an_agent(tmp_path):
+    """teamtr/stage0/... (an aligned swap) and teamtr/<frozen>/replaced (a direct swap of a frozen agent) name no
+    trained agent: the summary and the plot list alice and bob only, with the same numbers."""
+    write_metrics(tmp_path / "m.jsonl")
+    plain = summary.summarize(summary.load_stages(tmp_path / "m.jsonl"))
+    with open(tmp_path / "m.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 3, "data": {"teamtr/stage0/kl": 0.004, "teamtr/stage0/crn_gain": -0.1,
+                                                     "teamtr/carol/replaced": 1.0}}) + "\n")
+    stages = summary.load_stages(tmp_path / "m.jsonl")
+    assert summary.agents_of(stages) == ["alice", "bob"]
+    assert summary.summarize(stages) == plain
+    plot.main([str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 def test_plot_draws_every_panel(tmp_path):
     write_metrics(tmp_path / "m.jsonl")
     out = tmp_path / "run.png"

@@ -439,15 +439,20 @@ def test_verls_data_template_kwargs_are_probed_for_every_agent(good_config):
 
 
 def test_the_team_must_fit_the_cpu_runtimes_logical_cpus(good_config):
-    """teamtr_tiny_cpu fixes ray_init.num_cpus=16 and one TransferQueue storage unit: 4 split devices ask 4 x 3 = 12,
-    + 2 for TransferQueue (controller, storage unit), + 1 spare to place the servers = 15, and fit; 6 ask 18 + 3 = 21
-    and would leave verl's placement group or the servers waiting forever."""
+    """teamtr_tiny_cpu fixes ray_init.num_cpus=16 and one TransferQueue storage unit: 4 split devices (2 per agent)
+    ask 4 x 3 = 12, + 2 for TransferQueue (controller, storage unit), + 1 spare to place the servers = 15, and fit;
+    6 ask 18 + 3 = 21 and would leave verl's placement group or the servers waiting forever."""
     config = copy.deepcopy(good_config)
     assert config.ray_kwargs.ray_init.num_cpus == 16
     assert config.transfer_queue.backend.SimpleStorage.num_data_storage_units == 1
+    for key in ("actor.ppo_micro_batch_size_per_gpu", "rollout.log_prob_micro_batch_size_per_gpu"):
+        OmegaConf.update(config, f"actor_rollout_ref.{key}", 1)  # divides every share
+    OmegaConf.update(config, "teamtr.agents.0.n_devices", 2, force_add=True)
+    OmegaConf.update(config, "teamtr.agents.1.n_devices", 2, force_add=True)
     OmegaConf.update(config, "trainer.n_gpus_per_node", 4)
     validate_teamtr_config(config)
     OmegaConf.update(config, "trainer.n_gpus_per_node", 6)
+    OmegaConf.update(config, "teamtr.agents.1.n_devices", 4)
     with pytest.raises(TeamConfigError, match=r"^ray_kwargs.ray_init.num_cpus=16 is too few for this team: verl's "
                                               r"placement group asks trainer.n_gpus_per_node=6 x 3 logical CPUs "
                                               r"\(teamtr.placement='split'\), plus 2 for TransferQueue and 1 to place "

@@ -297,7 +297,7 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
     trainer.balance_tokenizers = []  # (agent, tokenizer) per _balance_batch call
     trainer.rollouts = rollouts = FakeRollouts(trainer, log, script)
     trainer._saved_at, trainer._stage_data_state, trainer._stage_saved = {}, None, False  # as __init__ sets them
-    trainer._swap_metrics, trainer._stage0, trainer._incoming = {}, False, None
+    trainer._swap_metrics, trainer._stage0, trainer._incoming, trainer._retired = {}, False, None, []
 
     def bound_agent():
         return trainer.actor_rollout_wg.name  # _bind points actor_rollout_wg at the updated agent's worker group
@@ -1154,7 +1154,7 @@ def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agen
     metrics = {}
     trainer.step(metrics, {})
     stage0 = (REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2
-              + [("set_loss_fn", "bob-new", 1.0), ("monitor", "bob-new"), ("update", "bob-new"),
+              + [("sleep", "bob-new"), ("set_loss_fn", "bob-new", 1.0), ("monitor", "bob-new"), ("update", "bob-new"),
                  ("monitor", "bob-new"), ("update", "bob-new"), ("monitor", "bob-new"), ("sync", "bob-new"),
                  ("route", "bob", "bob-new"), ("sleep", "bob")])
     assert log == stage0 + REGEN + agent_block("alice") + REGEN + agent_block("bob-new") + REGEN
