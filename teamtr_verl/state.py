@@ -202,15 +202,22 @@ class TeamTRState:
             )
 
 
-def stage0_pending(trainer_config, team: TeamConfig) -> bool:
-    """Whether this run starts with a Stage-0 aligned swap: ``teamtr.replace`` with method ``aligned`` and a
-    checkpoint to resume from that still holds the incumbent (``trainer_config``: the ``trainer`` block)."""
-    if team.replace is None or team.replace.method != "aligned":
-        return False
+def resume_state(trainer_config) -> Optional[tuple[str, TeamTRState]]:
+    """The checkpoint folder this run resumes from (verl's ``trainer.resume_mode``) and its state, or None when
+    there is none or it holds no state file (``trainer_config``: the ``trainer`` block)."""
     folder = checkpoints.resume_folder(trainer_config)
     if folder is None or not (Path(folder) / STATE_FILE).is_file():
+        return None
+    return folder, TeamTRState.load(folder)
+
+
+def stage0_pending(trainer_config, team: TeamConfig) -> bool:
+    """Whether this run starts with a Stage-0 aligned swap: ``teamtr.replace`` with method ``aligned`` and a
+    checkpoint to resume from that still holds the incumbent."""
+    if team.replace is None or team.replace.method != "aligned":
         return False
-    return TeamTRState.load(folder).check_matches(team, folder)
+    resumed = resume_state(trainer_config)
+    return resumed is not None and resumed[1].check_matches(team, resumed[0])
 
 
 def _encode_rng(state) -> list:

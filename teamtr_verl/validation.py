@@ -98,10 +98,10 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
 def validate_resume(config: DictConfig, team: TeamConfig) -> bool:
     """The checkpoint to resume from was written by this team (or by its incumbent, for ``teamtr.replace``);
     ``teamtr.replace`` needs one. Returns whether this run starts with a Stage-0 aligned swap."""
-    from teamtr_verl.state import STATE_FILE, TeamTRState  # torch (through algos): only when resuming
+    from teamtr_verl.state import STATE_FILE, resume_state  # torch (through algos): only when resuming
 
-    folder = checkpoints.resume_folder(config.trainer)
-    if folder is None or not os.path.isfile(os.path.join(folder, STATE_FILE)):
+    resumed = resume_state(config.trainer)
+    if resumed is None:
         if config.trainer.resume_mode == "resume_path":
             raise TeamConfigError(f"trainer.resume_from_path={config.trainer.resume_from_path!r} holds no "
                                   f"{STATE_FILE}: it is not a committed teamtr checkpoint")
@@ -111,8 +111,9 @@ def validate_resume(config: DictConfig, team: TeamConfig) -> bool:
                 f"trainer.resume_mode={config.trainer.resume_mode!r} finds none (trainer.default_local_dir="
                 f"{config.trainer.default_local_dir!r}): a swap replaces an agent of a trained team")
         return False
+    folder, state = resumed
     try:
-        pending = TeamTRState.load(folder).check_matches(team, folder)
+        pending = state.check_matches(team, folder)
     except ValueError as error:
         raise TeamConfigError(str(error)) from None
     stage0 = pending and team.replace.method == "aligned"
