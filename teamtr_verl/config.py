@@ -23,8 +23,8 @@ Shape (YAML)::
       delta: 0.01             # default KL radius δ > 0
       beta_init: 0.1          # default initial β > 0
       replace: null           # on resume: {agent: NAME, model: /new/dir, method: aligned | direct, delta0: null,
-                              # max_epochs: 20, heldout_fraction: 0.25, chat_template: null, chat_template_kwargs:
-                              # null}: swap that agent's model (aligned: Stage 0 first), keep the rest of the team
+                              # max_epochs: 20, heldout_fraction: 0.25, topk: 64, mini_batch: 8, chat_template: null,
+                              # chat_template_kwargs: null}: swap that agent's model (aligned: Stage 0 first), keep the rest of the team
 
 :meth:`TeamConfig.from_config` raises :class:`TeamConfigError` on the first problem, with a message that names the
 dotted key, the offending value and what would be valid. The known keys of each level are the fields of its
@@ -208,6 +208,12 @@ class ReplaceSpec:
     delta0: Optional[float] = None
     max_epochs: int = 20
     heldout_fraction: float = 0.25
+    # the distillation: the incumbent's top-k tokens per position (plus the mass outside them; exact when k covers the
+    # vocabulary), the probe messages per optimizer step (an epoch is one pass over the training messages) and the
+    # learning rate of its steps (None: the agent's actor.optim.lr)
+    topk: int = 64
+    mini_batch: int = 8
+    lr: Optional[float] = None
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict] = field(default=None, hash=False)
     incumbent_agent: Optional[AgentSpec] = field(default=None, compare=False)  # the agent as configured (incumbent)
@@ -483,7 +489,7 @@ def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: b
                                                        "held-out probe prompts and trained on the others")
     template = entry.get("chat_template")
     if method == "direct":  # keys only Stage 0 reads would be silently ignored
-        for unused in ("delta0", "max_epochs", "heldout_fraction"):
+        for unused in ("delta0", "max_epochs", "heldout_fraction", "topk", "mini_batch", "lr"):
             if entry.get(unused) is not None:
                 raise _fail(f"{key}.{unused}", entry[unused], "does nothing with method=direct (no Stage 0): remove "
                                                               "it, or use method=aligned")
@@ -505,6 +511,9 @@ def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: b
         delta0=None if delta0 is None else _positive(delta0, f"{key}.delta0"),
         max_epochs=_integer(entry.get("max_epochs", ReplaceSpec.max_epochs), f"{key}.max_epochs", minimum=0),
         heldout_fraction=float(heldout),
+        topk=_integer(entry.get("topk", ReplaceSpec.topk), f"{key}.topk", minimum=1),
+        mini_batch=_integer(entry.get("mini_batch", ReplaceSpec.mini_batch), f"{key}.mini_batch", minimum=1),
+        lr=None if entry.get("lr") is None else _positive(entry["lr"], f"{key}.lr"),
         chat_template=None if template is None else _string(template, f"{key}.chat_template"),
         chat_template_kwargs=(None if entry.get("chat_template_kwargs") is None else copy.deepcopy(
             _mapping(entry["chat_template_kwargs"], f"{key}.chat_template_kwargs"))),

@@ -167,3 +167,36 @@ def read_log_probs(batch: KVBatchMeta) -> dict[str, torch.Tensor]:
         "mask": padded["response_mask"][real].bool(),
         "real_keys": [key for key, keep in zip(batch.keys, real.tolist()) if keep],
     }
+
+
+def pack_sequences(prompts: list[torch.Tensor], responses: list[torch.Tensor],
+                   response_masks: list[torch.Tensor]) -> dict:
+    """Rows of (prompt ids, response ids, response mask) as one padded causal-LM batch: prompts left-padded to a
+    common width P, responses right-padded to a common length R, so the logits at positions P−1 … P+R−2 predict
+    the response tokens of every row.
+
+    Returns:
+        ``input_ids``, ``attention_mask``: (rows, P+R) long (pad id 0, masked); ``response_mask``: (rows, R) float;
+        ``prompt_width``: P.
+    """
+    width = max(len(p) for p in prompts)
+    length = max(len(r) for r in responses)
+    input_ids = torch.zeros(len(prompts), width + length, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros(len(prompts), length)
+    for i, (prompt, response, mask) in enumerate(zip(prompts, responses, response_masks, strict=True)):
+        input_ids[i, width - len(prompt):width] = prompt
+        input_ids[i, width:width + len(response)] = response
+        attention_mask[i, width - len(prompt):width + len(response)] = 1
+        response_mask[i, :len(response)] = mask.float()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "prompt_width": width}
+
+
+def read_sequences(batch: KVBatchMeta) -> dict:
+    """``batch``'s real rows (padding rows left out) as :func:`pack_sequences` packs them."""
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                           select_fields=["prompts", "responses", "response_mask"])
+    real = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)]
+    prompts, responses, masks = (data[field].unbind() for field in ("prompts", "responses", "response_mask"))
+    return pack_sequences([prompts[i] for i in real], [responses[i] for i in real], [masks[i] for i in real])

@@ -49,6 +49,7 @@ from teamtr_verl.defaults import PREFIX_FIELD, TRAINER_MODE
 from teamtr_verl.rollout_batch import (
     TeamRollout,
     read_log_probs,
+    read_sequences,
     read_team_rollout,
     read_turn_records,
     write_advantages,
@@ -80,11 +81,6 @@ class NonFiniteUpdateError(RuntimeError):
 
 class Stage0RefusedError(RuntimeError):
     """The incoming model of a ``teamtr.replace`` did not reach δ₀ within its epochs: the swap is refused."""
-
-
-# The Stage-0 loss is the teamtr loss at zero advantage: β·KL(π_incumbent ‖ π_new). β only scales the gradient
-# (Adam is nearly scale-free), so it is fixed.
-STAGE0_BETA = 1.0
 
 
 @dataclasses.dataclass
@@ -395,9 +391,9 @@ class TeamTRTrainer(PPOTrainer):
 
         One regeneration of the stage's prompts with the incumbent in place and nobody updated is the probe: each
         message of the replaced agent with the exact context it saw (the team's own occupancy). The incumbent's actor
-        scores them (π_cur of Eq. 11). The newcomer trains on the probe's training groups with the teamtr loss at zero
-        advantage, whose only term is then β·KL(π_incumbent ‖ π_new) on the incumbent's samples, one epoch at a time,
-        until the KL monitor on the held-out groups is ≤ δ₀. Then its weights go into its own servers, which take over
+        scores them (π_cur of Eq. 11) and gives its top-k next-token distribution at every position of the training
+        groups' messages; the newcomer is distilled toward it (top-k forward KL(π_incumbent ‖ π_new)), one epoch at a
+        time, until the KL monitor on the held-out groups is ≤ δ₀. Then its weights go into its own servers, which take over
         the agent's turns, and the swap is recorded; otherwise the run stops before anything is saved. Returns the
         probe and {agent}: the stage's first regeneration pairs with it (the swap's paired gain)."""
         swap, name = self.team.replace, self.team.replace.agent
@@ -405,28 +401,32 @@ class TeamTRTrainer(PPOTrainer):
         print(f"teamtr: stage {stage}: Stage 0: probing the team's contexts for {name}'s incoming model", flush=True)
         probe = self._regenerate(prompts, list(range(len(prompts))), stage, None, {})
         held = frozenset(heldout_prompts(len(prompts), swap.heldout_fraction, stage, self.team.order_seed))
-        with self._agent_context(name):  # the incumbent scores its own messages
+        temperature = self.config.actor_rollout_ref.rollout.temperature
+        micro_rows = self.config.actor_rollout_ref.actor.get("ppo_micro_batch_size_per_gpu") or swap.mini_batch
+        with self._agent_context(name) as stack:  # the incumbent scores its own messages, and gives its top-k
             train, monitor = self._agent_rows(name, probe, held, {})
-        if train is None or monitor is None:
-            raise ValueError(f"teamtr.replace: the probe has no {'training' if train is None else 'held-out'} "
-                             f"message of {name!r} (data.train_batch_size={len(prompts)} prompts, "
-                             f"teamtr.replace.heldout_fraction={swap.heldout_fraction})")
+            if train is None or monitor is None:
+                raise ValueError(f"teamtr.replace: the probe has no {'training' if train is None else 'held-out'} "
+                                 f"message of {name!r} (data.train_batch_size={len(prompts)} prompts, "
+                                 f"teamtr.replace.heldout_fraction={swap.heldout_fraction})")
+            sequences = read_sequences(train)
+            teacher = stack.worker_group.stage0_teacher_topk(sequences, swap.topk, temperature, micro_rows,
+                                                             len(self.tokenizer))[0]
         incumbent, incoming = self.stacks[name], self._incoming
         incoming.name = name  # from now on it is the agent: its checkpoints, syncs and metrics
         self.stacks[name] = incoming
         incoming.checkpoint_manager.sleep_replicas()  # its servers' memory for its training (the sync wakes them)
         with self._agent_context(name):
-            if self.use_reference_policy:  # actor.use_kl_loss: verl's loss reads the reference log-probs
-                train = self._compute_ref_log_prob(train, {})
-            train = write_advantages(train, {})  # zero advantage: the loss is β·KL(π_incumbent ‖ π_new) alone
-            self._push_loss(name, STAGE0_BETA)
             curve = [self._stage0_kl(monitor)]
             verdict = algos.alignment_verdict(curve, delta0, swap.max_epochs)
             while verdict.status == "continue":
-                self._update_actor(train, {})
+                epoch = incoming.worker_group.stage0_distill_epoch(sequences, teacher, temperature, swap.mini_batch,
+                                                                   micro_rows, swap.lr)[0]
+                metrics["teamtr/stage0/distill_loss"] = epoch["loss"]  # the last epoch's (top-k KL per token)
                 curve.append(self._stage0_kl(monitor))
                 verdict = algos.alignment_verdict(curve, delta0, swap.max_epochs)
-                print(f"teamtr: stage {stage}: Stage 0: {verdict.message}", flush=True)
+                print(f"teamtr: stage {stage}: Stage 0: {verdict.message} (training loss {epoch['loss']:.4g})",
+                      flush=True)
         if verdict.status == "refused":
             raise Stage0RefusedError(
                 f"teamtr.replace: agent {name!r} -> {swap.model}: {verdict.message}. Nothing was saved: the "

@@ -139,6 +139,81 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         return perturbed
 
 
+    # -- Stage 0 of an aligned swap (teamtr.replace): top-k forward-KL distillation from the incumbent ------------
+    # Both run the actor's module directly on a padded batch (rollout_batch.pack_sequences): verl's engine returns
+    # log-probs of the sampled tokens only, the distillation needs whole distributions. Each rank runs the whole batch
+    # (ONE_TO_ALL): FSDP averages identical gradients, so the step is the single-rank one.
+    def _response_logits(self, sequences: dict, rows: slice, temperature: float) -> torch.Tensor:
+        """The actor's logits / T at the positions that predict the response tokens: (rows, R, vocab), float32."""
+        from contextlib import nullcontext
+
+        from verl.utils.device import get_device_id, get_device_name
+
+        engine = self.actor.engine
+        input_ids = sequences["input_ids"][rows].to(get_device_id())
+        attention_mask = sequences["attention_mask"][rows].to(input_ids.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        dtype = getattr(engine, "_autocast_dtype", torch.float32)  # as the engine's own forward_step
+        autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=get_device_name(),
+                                                                                 dtype=dtype)
+        with autocast:
+            logits = engine.module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).logits
+        width, length = sequences["prompt_width"], sequences["response_mask"].shape[1]
+        return logits[:, width - 1:width - 1 + length].float() / temperature
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def stage0_teacher_topk(self, sequences: dict, k: int, temperature: float, micro_rows: int,
+                            vocab_limit: int) -> dict:
+        """The incumbent's k most likely next tokens at every response position, with their log-probabilities
+        (normalized over its whole vocabulary; ids below ``vocab_limit``, the tokenizer both models share):
+        ``log_probs`` float32 and ``ids`` long, (rows, R, k)."""
+        log_probs, ids = [], []
+        with self.actor.engine.eval_mode(), torch.no_grad():
+            for start in range(0, len(sequences["input_ids"]), micro_rows):
+                logits = self._response_logits(sequences, slice(start, start + micro_rows), temperature)
+                top = torch.log_softmax(logits, dim=-1)[..., :vocab_limit].topk(min(k, vocab_limit), dim=-1)
+                log_probs.append(top.values.cpu())
+                ids.append(top.indices.cpu())
+        return {"log_probs": torch.cat(log_probs), "ids": torch.cat(ids)}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def stage0_distill_epoch(self, sequences: dict, teacher: dict, temperature: float, mini_rows: int,
+                             micro_rows: int, lr: float | None = None) -> dict:
+        """One pass over the probe's training messages, one optimizer step per ``mini_rows`` of them: the loss is the
+        top-k forward KL(π_incumbent ‖ π_new) (:func:`teamtr_verl.algos.topk_forward_kl`) averaged over response
+        tokens. ``lr`` (None: the optimizer's) holds for these steps only; the lr schedule does not advance (Stage 0
+        is not part of the newcomer's training schedule)."""
+        from teamtr_verl.algos import topk_forward_kl
+
+        engine, mask = self.actor.engine, sequences["response_mask"]
+        rows, losses, grad_norms = len(mask), [], []
+        saved_lrs = [group["lr"] for group in engine.optimizer.param_groups]
+        if lr is not None:
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+        with engine.train_mode():
+            for start in range(0, rows, mini_rows):
+                stop = min(start + mini_rows, rows)
+                tokens = mask[start:stop].sum().clamp(min=1.0)
+                engine.optimizer_zero_grad()
+                loss_sum = 0.0
+                for micro in range(start, stop, micro_rows):
+                    part = slice(micro, min(micro + micro_rows, stop))
+                    logits = self._response_logits(sequences, part, temperature)
+                    kl = topk_forward_kl(teacher["log_probs"][part].to(logits.device),
+                                         teacher["ids"][part].to(logits.device), logits)
+                    loss = (kl * mask[part].to(kl.device)).sum() / tokens
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                grad_norms.append(float(engine.optimizer_step()))
+                losses.append(loss_sum)
+        for group, saved in zip(engine.optimizer.param_groups, saved_lrs):
+            group["lr"] = saved
+        return {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
+                "steps": len(losses)}
+
+
 class OffsetVLLMReplica(vLLMReplica):
     """A vLLM replica with a global ``replica_rank`` of ``offset + local rank`` that still takes its workers from its
     own agent's worker group (stock ``init_hybrid`` slices the group by the global rank, which would be empty)."""

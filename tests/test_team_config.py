@@ -616,13 +616,19 @@ def test_replace_shows_the_team_after_the_swap_and_keeps_the_incumbent(models):
                                                                "choose one of aligned, direct"),
     ({"agent": "solver", "model": "NEW", "incumbent": "x"}, "teamtr.replace.incumbent is not a known key: known "
                                                               "keys are agent, model, method, delta0, max_epochs, "
-                                                              "heldout_fraction, chat_template, chat_template_kwargs"),
+                                                              "heldout_fraction, topk, mini_batch, lr, chat_template, "
+                                                              "chat_template_kwargs"),
     ({"agent": "solver", "model": "NEW", "method": "direct", "chat_template_kwargs": 3},
      "teamtr.replace.chat_template_kwargs=3 must be a mapping"),
     ({"agent": "solver", "model": "NEW", "chat_template_kwargs": {"enable_thinking": False}},
      "teamtr.replace.chat_template_kwargs={'enable_thinking': False} cannot be used with method=aligned"),
     ({"agent": "solver", "model": "NEW", "delta0": 0}, "teamtr.replace.delta0=0 must be > 0"),
     ({"agent": "solver", "model": "NEW", "max_epochs": -1}, "teamtr.replace.max_epochs=-1 must be >= 0"),
+    ({"agent": "solver", "model": "NEW", "topk": 0}, "teamtr.replace.topk=0 must be >= 1"),
+    ({"agent": "solver", "model": "NEW", "lr": -1e-4}, "teamtr.replace.lr=-0.0001 must be > 0"),
+    ({"agent": "solver", "model": "NEW", "mini_batch": 2.5}, "teamtr.replace.mini_batch=2.5 must be an integer >= 1"),
+    ({"agent": "solver", "model": "NEW", "method": "direct", "topk": 8}, "teamtr.replace.topk=8 does nothing with "
+                                                                         "method=direct"),
     ({"agent": "solver", "model": "NEW", "heldout_fraction": 1.0}, "teamtr.replace.heldout_fraction=1.0 must be a "
                                                                     "number in (0, 1)"),
     ("solver", "teamtr.replace='solver' must be a mapping"),

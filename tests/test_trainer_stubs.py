@@ -138,6 +138,16 @@ class FakeWorkerGroup:
     def scale_optimizer_momentum(self, alpha):
         self.log.append(("momentum", self.name, alpha))
 
+    def stage0_teacher_topk(self, sequences, k, temperature, micro_rows, vocab_limit):
+        self.log.append(("teacher_topk", self.name, k))
+        self.scored = sequences["keys"]
+        return [{"teacher": self.name, "vocab_limit": vocab_limit}]  # one result per rank (ONE_TO_ALL)
+
+    def stage0_distill_epoch(self, sequences, teacher, temperature, mini_rows, micro_rows, lr):
+        self.log.append(("distill", self.name, teacher["teacher"], mini_rows))
+        self.distilled = sequences["keys"]
+        return [{"loss": 0.25, "grad_norm": 1.0, "steps": 1}]
+
     def set_loss_fn(self, loss_fn):
         assert loss_fn.func is ppo_loss
         config = loss_fn.keywords["config"]
@@ -353,6 +363,7 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
     trainer._update_actor = update_actor
     trainer._fresh_log_probs = fresh_log_probs
     monkeypatch.setattr(trainer_module, "write_advantages", write_advantages)
+    monkeypatch.setattr(trainer_module, "read_sequences", lambda batch: {"keys": list(batch.keys)})
     monkeypatch.setattr(trainer_module, "read_turn_records", read_turn_records)
     return trainer
 
@@ -1144,27 +1155,32 @@ def aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, 
 def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agents_place(
         make_trainer, base_configs, model_dirs, tmp_path):
     """Stage 0 before the stage's first update: one probe regeneration with the incumbent; the incumbent scores its
-    own training and held-out messages; the newcomer gets the loss at β = 1 and trains one epoch at a time while the
-    held-out KL (k3) is above δ₀ = δ = 0.01 (curve 0.213, 0.0576, 0.00246: two epochs); its weights go into its
-    servers, the agent's turns are routed to them and the incumbent's servers sleep. Then the stage runs as usual
+    own training and held-out messages and gives its top-k (64) on the training ones; the newcomer is distilled toward
+    it, one epoch at a time (mini-batches of 8 messages), while the held-out KL (k3) is above δ₀ = δ = 0.01 (curve
+    0.213, 0.0576, 0.00246: two epochs); its weights go into its servers, the agent's turns are routed to them and
+    the incumbent's servers sleep. Then the stage runs as usual
     with the newcomer as bob; its first regeneration pairs with the probe (the swap's gain) and reuses alice's turns."""
     log = []
     trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, [1.0, 0.5, 0.1])
-    incumbent_models = dict(trainer.state.agent_models)
+    incumbent_models, incumbent = dict(trainer.state.agent_models), trainer.stacks["bob"].worker_group
     metrics = {}
     trainer.step(metrics, {})
-    stage0 = (REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2
-              + [("sleep", "bob-new"), ("set_loss_fn", "bob-new", 1.0), ("monitor", "bob-new"), ("update", "bob-new"),
-                 ("monitor", "bob-new"), ("update", "bob-new"), ("monitor", "bob-new"), ("sync", "bob-new"),
+    stage0 = (REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2 + [("teacher_topk", "bob", 64)]
+              + [("sleep", "bob-new"), ("monitor", "bob-new"), ("distill", "bob-new", "bob", 8),
+                 ("monitor", "bob-new"), ("distill", "bob-new", "bob", 8), ("monitor", "bob-new"), ("sync", "bob-new"),
                  ("route", "bob", "bob-new"), ("sleep", "bob")])
     assert log == stage0 + REGEN + agent_block("alice") + REGEN + agent_block("bob-new") + REGEN
-    assert trainer.written_advantages[0] == ("bob-new", {})  # zero advantage: the loss is β·KL alone
+    held = heldout_prompts(PROMPTS, 0.25, 4, 0)
+    # the incumbent's top-k is taken on bob's training messages of the probe, the newcomer distilled on the same
+    assert incumbent.scored == trainer.stacks["bob"].worker_group.distilled
+    assert incumbent.scored and all(episode_of(key)[0] not in held for key in incumbent.scored)
+    assert len(incumbent.scored) == (PROMPTS - len(held)) * SESSIONS
+    assert metrics["teamtr/stage0/distill_loss"] == 0.25
     curve = [k3_message(1.0), k3_message(0.5), k3_message(0.1)]
     assert (metrics["teamtr/stage0/kl"], metrics["teamtr/stage0/kl_initial"]) == (
         pytest.approx(curve[2], rel=1e-5), pytest.approx(curve[0], rel=1e-5))  # float32 log-probs
     assert (metrics["teamtr/stage0/epochs"], metrics["teamtr/stage0/delta0"], metrics["teamtr/bob/replaced"]) == (
         2, DELTA, 1.0)
-    held = heldout_prompts(PROMPTS, 0.25, 4, 0)
     assert (metrics["teamtr/stage0/probe_messages"], metrics["teamtr/stage0/heldout_messages"]) == (
         (PROMPTS - len(held)) * SESSIONS, len(held) * SESSIONS)
     # the probe and the stage's first regeneration: same prompts and seeds, alice's turns reused, gain 0.25 exactly
