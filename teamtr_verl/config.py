@@ -23,8 +23,9 @@ Shape (YAML)::
       delta: 0.01             # default KL radius δ > 0
       beta_init: 0.1          # default initial β > 0
       replace: null           # on resume: {agent: NAME, model: /new/dir, method: aligned | direct, delta0: null,
-                              # max_epochs: 20, heldout_fraction: 0.25, topk: 64, mini_batch: 8, chat_template: null,
-                              # chat_template_kwargs: null}: swap that agent's model (aligned: Stage 0 first), keep the rest of the team
+                              # max_epochs: 20, heldout_fraction: 0.25, topk: 64, mini_batch: 8, lr: null,
+                              # chat_template: null, chat_template_kwargs: null}: swap that agent's model (aligned:
+                              # Stage 0 first), keep the rest of the team
 
 :meth:`TeamConfig.from_config` raises :class:`TeamConfigError` on the first problem, with a message that names the
 dotted key, the offending value and what would be valid. The known keys of each level are the fields of its

@@ -401,17 +401,17 @@ class TeamTRTrainer(PPOTrainer):
         print(f"teamtr: stage {stage}: Stage 0: probing the team's contexts for {name}'s incoming model", flush=True)
         probe = self._regenerate(prompts, list(range(len(prompts))), stage, None, {})
         held = frozenset(heldout_prompts(len(prompts), swap.heldout_fraction, stage, self.team.order_seed))
-        temperature = self.config.actor_rollout_ref.rollout.temperature
-        micro_rows = self.config.actor_rollout_ref.actor.get("ppo_micro_batch_size_per_gpu") or swap.mini_batch
         with self._agent_context(name) as stack:  # the incumbent scores its own messages, and gives its top-k
             train, monitor = self._agent_rows(name, probe, held, {})
             if train is None or monitor is None:
                 raise ValueError(f"teamtr.replace: the probe has no {'training' if train is None else 'held-out'} "
                                  f"message of {name!r} (data.train_batch_size={len(prompts)} prompts, "
                                  f"teamtr.replace.heldout_fraction={swap.heldout_fraction})")
+            stack.checkpoint_manager.sleep_replicas()  # its servers serve no turn any more (the probe was the last)
             sequences = read_sequences(train)
-            teacher = stack.worker_group.stage0_teacher_topk(sequences, swap.topk, temperature, micro_rows,
-                                                             len(self.tokenizer))[0]
+            temperature = self.config.actor_rollout_ref.rollout.temperature  # the agent's, as _fresh_log_probs
+            teacher = stack.worker_group.stage0_teacher_topk(sequences, swap.topk, temperature,
+                                                             self._micro_rows(swap), len(self.tokenizer))[0]
         incumbent, incoming = self.stacks[name], self._incoming
         incoming.name = name  # from now on it is the agent: its checkpoints, syncs and metrics
         self.stacks[name] = incoming
@@ -421,7 +421,7 @@ class TeamTRTrainer(PPOTrainer):
             verdict = algos.alignment_verdict(curve, delta0, swap.max_epochs)
             while verdict.status == "continue":
                 epoch = incoming.worker_group.stage0_distill_epoch(sequences, teacher, temperature, swap.mini_batch,
-                                                                   micro_rows, swap.lr)[0]
+                                                                   self._micro_rows(swap), swap.lr)[0]
                 metrics["teamtr/stage0/distill_loss"] = epoch["loss"]  # the last epoch's (top-k KL per token)
                 curve.append(self._stage0_kl(monitor))
                 verdict = algos.alignment_verdict(curve, delta0, swap.max_epochs)
@@ -431,9 +431,9 @@ class TeamTRTrainer(PPOTrainer):
             raise Stage0RefusedError(
                 f"teamtr.replace: agent {name!r} -> {swap.model}: {verdict.message}. Nothing was saved: the "
                 "checkpoint still holds the incumbent; raise teamtr.replace.max_epochs or delta0, or use method=direct")
+        incoming.worker_group.reset_optimizer_state()  # its TeamTR updates start from a fresh optimizer
         self._sync(name, metrics)
         self._route_turns(incumbent, incoming)
-        incumbent.checkpoint_manager.sleep_replicas()  # its servers serve no turn any more
         self._retired.append(incumbent)  # its actors (watched as the agent's) live until the run ends
         self._incoming, self._stage0 = None, False
         self._saved_at.pop(name, None)
@@ -452,6 +452,11 @@ class TeamTRTrainer(PPOTrainer):
                         "teamtr/stage0/seconds": time.perf_counter() - start,
                         **{f"teamtr/stage0/{key}": value for key, value in sizes.items()}})
         return probe, {name}
+
+    def _micro_rows(self, swap) -> int:
+        """Rows per forward of a Stage-0 call: the bound agent's actor micro-batch (its mini-batch under dynamic
+        batch sizes, which set none)."""
+        return self.config.actor_rollout_ref.actor.get("ppo_micro_batch_size_per_gpu") or swap.mini_batch
 
     def _stage0_kl(self, monitor: KVBatchMeta) -> float:
         """KL(π_incumbent ‖ π_new) per message on the held-out probe messages (Eq. 11), with the k3 estimator: each

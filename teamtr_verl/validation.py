@@ -119,7 +119,23 @@ def validate_resume(config: DictConfig, team: TeamConfig) -> bool:
     stage0 = pending and team.replace.method == "aligned"
     if stage0:
         validate_stage0_tokenizer(team)
+        validate_stage0_model_path(config)
     return stage0
+
+
+def validate_stage0_model_path(config: DictConfig) -> None:
+    """Stage 0 runs the actors' modules directly on padded batches for whole next-token distributions: refuse the
+    engine options that change what that forward returns or how it is split across ranks."""
+    model, actor = config.actor_rollout_ref.model, config.actor_rollout_ref.actor
+    if model.get("use_fused_kernels", False):
+        raise TeamConfigError("actor_rollout_ref.model.use_fused_kernels=True cannot be used with teamtr.replace "
+                              "method=aligned: fused kernels never materialize the logits Stage 0 distils; set it "
+                              "to false for the swap's run, or use method=direct")
+    sp = actor.get("ulysses_sequence_parallel_size", 1) or 1
+    if sp > 1:
+        raise TeamConfigError(f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp} cannot be used with "
+                              "teamtr.replace method=aligned: Stage 0 runs every sequence whole on each rank; set "
+                              "it to 1 for the swap's run, or use method=direct")
 
 
 def validate_stage0_tokenizer(team: TeamConfig) -> None:

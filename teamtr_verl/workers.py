@@ -156,11 +156,20 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         dtype = getattr(engine, "_autocast_dtype", torch.float32)  # as the engine's own forward_step
         autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device_type=get_device_name(),
                                                                                  dtype=dtype)
-        with autocast:
+        length = sequences["response_mask"].shape[1]
+        with autocast:  # the responses end the padded block: the last R + 1 positions hold the R predicting ones
             logits = engine.module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=False).logits
-        width, length = sequences["prompt_width"], sequences["response_mask"].shape[1]
-        return logits[:, width - 1:width - 1 + length].float() / temperature
+                                   use_cache=False, logits_to_keep=length + 1).logits
+        return logits[:, :length].float() / temperature
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def reset_optimizer_state(self) -> int:
+        """Forget Adam's moments (after Stage 0: they describe the distillation, not the team's objective, and the
+        swapped agent's TeamTR updates start from a fresh optimizer). Returns #parameters that had state."""
+        optimizer = self.actor.engine.optimizer
+        had = len(optimizer.state)
+        optimizer.state.clear()
+        return had
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage0_teacher_topk(self, sequences: dict, k: int, temperature: float, micro_rows: int,
@@ -172,9 +181,10 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         with self.actor.engine.eval_mode(), torch.no_grad():
             for start in range(0, len(sequences["input_ids"]), micro_rows):
                 logits = self._response_logits(sequences, slice(start, start + micro_rows), temperature)
-                top = torch.log_softmax(logits, dim=-1)[..., :vocab_limit].topk(min(k, vocab_limit), dim=-1)
+                limit = min(vocab_limit, logits.shape[-1])
+                top = torch.log_softmax(logits, dim=-1)[..., :limit].topk(min(k, limit), dim=-1)
                 log_probs.append(top.values.cpu())
-                ids.append(top.indices.cpu())
+                ids.append(top.indices.int().cpu())  # int32: half the bytes sent back to every rank each epoch
         return {"log_probs": torch.cat(log_probs), "ids": torch.cat(ids)}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
@@ -182,34 +192,38 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
                              micro_rows: int, lr: float | None = None) -> dict:
         """One pass over the probe's training messages, one optimizer step per ``mini_rows`` of them: the loss is the
         top-k forward KL(π_incumbent ‖ π_new) (:func:`teamtr_verl.algos.topk_forward_kl`) averaged over response
-        tokens. ``lr`` (None: the optimizer's) holds for these steps only; the lr schedule does not advance (Stage 0
-        is not part of the newcomer's training schedule)."""
+        tokens. ``lr`` (None: the configured ``actor.optim.lr``, not the schedule's current value, which is 0 at the
+        start of a warm-up) holds for these steps only; the lr schedule does not advance (Stage 0 is not part of the
+        newcomer's training schedule)."""
         from teamtr_verl.algos import topk_forward_kl
 
         engine, mask = self.actor.engine, sequences["response_mask"]
         rows, losses, grad_norms = len(mask), [], []
+        scaler = getattr(engine, "scaler", None)  # fp16: optimizer_step unscales, so the loss must be scaled
         saved_lrs = [group["lr"] for group in engine.optimizer.param_groups]
-        if lr is not None:
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-        with engine.train_mode():
-            for start in range(0, rows, mini_rows):
-                stop = min(start + mini_rows, rows)
-                tokens = mask[start:stop].sum().clamp(min=1.0)
-                engine.optimizer_zero_grad()
-                loss_sum = 0.0
-                for micro in range(start, stop, micro_rows):
-                    part = slice(micro, min(micro + micro_rows, stop))
-                    logits = self._response_logits(sequences, part, temperature)
-                    kl = topk_forward_kl(teacher["log_probs"][part].to(logits.device),
-                                         teacher["ids"][part].to(logits.device), logits)
-                    loss = (kl * mask[part].to(kl.device)).sum() / tokens
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                grad_norms.append(float(engine.optimizer_step()))
-                losses.append(loss_sum)
-        for group, saved in zip(engine.optimizer.param_groups, saved_lrs):
-            group["lr"] = saved
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr if lr is not None else engine.optimizer_config.lr
+        try:
+            with engine.train_mode():
+                for start in range(0, rows, mini_rows):
+                    stop = min(start + mini_rows, rows)
+                    tokens = mask[start:stop].sum().clamp(min=1.0)
+                    engine.optimizer_zero_grad()
+                    loss_sum = 0.0
+                    for micro in range(start, stop, micro_rows):
+                        part = slice(micro, min(micro + micro_rows, stop))
+                        logits = self._response_logits(sequences, part, temperature)
+                        kl = topk_forward_kl(teacher["log_probs"][part].to(logits.device),
+                                             teacher["ids"][part].to(logits.device), logits)
+                        real = mask[part].to(kl.device) > 0  # where, not a product: a padded position's NaN stays out
+                        loss = torch.where(real, kl, torch.zeros_like(kl)).sum() / tokens
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                        loss_sum += float(loss.detach())
+                    grad_norms.append(float(engine.optimizer_step()))
+                    losses.append(loss_sum)
+        finally:
+            for group, saved in zip(engine.optimizer.param_groups, saved_lrs):
+                group["lr"] = saved
         return {"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms),
                 "steps": len(losses)}
 

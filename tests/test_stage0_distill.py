@@ -28,6 +28,8 @@ class Engine:
     def __init__(self, module, lr):
         self.module = module
         self.optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+        self.optimizer_config = SimpleNamespace(lr=lr)  # actor.optim.lr
+        self.scaler = None  # fp32
 
     def eval_mode(self):
         self.module.eval()
@@ -138,3 +140,18 @@ def test_a_stage0_lr_holds_for_the_epoch_only(tiny_team, probe):
     TeamActorRolloutRefWorker.stage0_distill_epoch(newcomer, sequences, teacher, 1.0, 4, 4, lr=0.0)
     assert all(torch.equal(w, p) for w, p in zip(weights, newcomer.actor.engine.module.parameters()))
     assert newcomer.actor.engine.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_without_a_stage0_lr_the_configured_lr_holds_not_the_schedules_current_one(tiny_team, probe):
+    """At the start of a warm-up the schedule's lr is 0: Stage 0 would never move. It uses actor.optim.lr, and
+    afterwards the schedule's value is back; reset_optimizer_state forgets Adam's moments."""
+    _, _, sequences = probe
+    incumbent, newcomer = worker(tiny_team[1]), worker(tiny_team[0], lr=1e-3)
+    engine = newcomer.actor.engine
+    engine.optimizer.param_groups[0]["lr"] = 0.0  # warm-up, step 0
+    teacher = TeamActorRolloutRefWorker.stage0_teacher_topk(incumbent, sequences, 16, 1.0, 4, 1024)
+    weights = [p.detach().clone() for p in engine.module.parameters()]
+    TeamActorRolloutRefWorker.stage0_distill_epoch(newcomer, sequences, teacher, 1.0, 4, 4)
+    assert any(not torch.equal(w, p) for w, p in zip(weights, engine.module.parameters()))
+    assert engine.optimizer.param_groups[0]["lr"] == 0.0
+    assert TeamActorRolloutRefWorker.reset_optimizer_state(newcomer) == len(weights) and not engine.optimizer.state

@@ -626,6 +626,17 @@ def test_an_aligned_swap_is_checked_before_ray(good_config, model_dirs, tmp_path
     OmegaConf.update(config, "trainer.n_gpus_per_node", 3)
     OmegaConf.update(config, "ray_kwargs.ray_init.num_cpus", 64)
     assert validate_teamtr_config(config).agent("bob").model == str(same_tokenizer)
+    # Stage 0 runs the actors' modules whole on each rank, for the logits: no fused kernels, no sequence parallelism
+    for key, value, expected in (
+            ("actor_rollout_ref.model.use_fused_kernels", True, r"^actor_rollout_ref.model.use_fused_kernels=True "
+                                                                r"cannot be used with teamtr.replace method=aligned"),
+            ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 2,
+             r"^actor_rollout_ref.actor.ulysses_sequence_parallel_size=2 cannot be used with teamtr.replace "
+             r"method=aligned")):
+        bad = copy.deepcopy(config)
+        OmegaConf.update(bad, key, value, force_add=True)
+        with pytest.raises(TeamConfigError, match=expected):
+            validate_teamtr_config(bad)
     # once the swap is done, the checkpoint holds the newcomer: nothing more is checked (two devices are enough)
     done = TeamTRState.initial(validate_teamtr_config(copy.deepcopy(config)))
     done.save(folder)

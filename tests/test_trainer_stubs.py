@@ -138,6 +138,9 @@ class FakeWorkerGroup:
     def scale_optimizer_momentum(self, alpha):
         self.log.append(("momentum", self.name, alpha))
 
+    def reset_optimizer_state(self):
+        self.log.append(("reset_optimizer", self.name))
+
     def stage0_teacher_topk(self, sequences, k, temperature, micro_rows, vocab_limit):
         self.log.append(("teacher_topk", self.name, k))
         self.scored = sequences["keys"]
@@ -1165,10 +1168,10 @@ def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agen
     incumbent_models, incumbent = dict(trainer.state.agent_models), trainer.stacks["bob"].worker_group
     metrics = {}
     trainer.step(metrics, {})
-    stage0 = (REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2 + [("teacher_topk", "bob", 64)]
+    stage0 = (REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2 + [("sleep", "bob"), ("teacher_topk", "bob", 64)]
               + [("sleep", "bob-new"), ("monitor", "bob-new"), ("distill", "bob-new", "bob", 8),
-                 ("monitor", "bob-new"), ("distill", "bob-new", "bob", 8), ("monitor", "bob-new"), ("sync", "bob-new"),
-                 ("route", "bob", "bob-new"), ("sleep", "bob")])
+                 ("monitor", "bob-new"), ("distill", "bob-new", "bob", 8), ("monitor", "bob-new"),
+                 ("reset_optimizer", "bob-new"), ("sync", "bob-new"), ("route", "bob", "bob-new")])
     assert log == stage0 + REGEN + agent_block("alice") + REGEN + agent_block("bob-new") + REGEN
     held = heldout_prompts(PROMPTS, 0.25, 4, 0)
     # the incumbent's top-k is taken on bob's training messages of the probe, the newcomer distilled on the same
