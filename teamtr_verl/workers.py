@@ -138,10 +138,9 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
                 perturbed += tensor.numel()
         return perturbed
 
-
     # -- Stage 0 of an aligned swap (teamtr.replace): top-k forward-KL distillation from the incumbent ------------
-    # Both run the actor's module directly on a padded batch (rollout_batch.pack_sequences): verl's engine returns
-    # log-probs of the sampled tokens only, the distillation needs whole distributions. Each rank runs the whole batch
+    # Both run the actor's module directly on a padded batch (rollout_batch.pack_sequences): verl's engine path returns
+    # one value per token, and the teacher's top-k is a k-vector per token. Each rank runs the whole batch
     # (ONE_TO_ALL): FSDP averages identical gradients, so the step is the single-rank one.
     def _response_logits(self, sequences: dict, rows: slice, temperature: float) -> torch.Tensor:
         """The actor's logits / T at the positions that predict the response tokens: (rows, R, vocab), float32."""
@@ -176,7 +175,7 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
                             vocab_limit: int) -> dict:
         """The incumbent's k most likely next tokens at every response position, with their log-probabilities
         (normalized over its whole vocabulary; ids below ``vocab_limit``, the tokenizer both models share):
-        ``log_probs`` float32 and ``ids`` long, (rows, R, k)."""
+        ``log_probs`` float32 and ``ids`` int32, (rows, R, k)."""
         log_probs, ids = [], []
         with self.actor.engine.eval_mode(), torch.no_grad():
             for start in range(0, len(sequences["input_ids"]), micro_rows):
