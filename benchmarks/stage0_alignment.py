@@ -9,7 +9,8 @@ KL(π_incumbent ‖ π_new) per message (k3). Newcomers, all with bob's tokenize
 
 * ``random``: another initialisation and size (seed 2, 3 layers instead of 2);
 * ``near copy``: bob's initial weights plus Gaussian noise of 0.02 x each tensor's std;
-* ``noisy copy``: the trained incumbent (the checkpoint's bob) plus noise of 0.2 x std (the e2e test's newcomer).
+* ``noisy copy``: the trained incumbent (the checkpoint's bob) plus noise of 0.2 x std (built like the e2e test's newcomer; that
+  test's incumbent was trained differently, so its KLs differ).
 
 The curve says whether the distillation (top-k forward KL from the incumbent's next-token distributions on the
 probe's training messages; ``--topk 1024`` is the whole vocabulary of the tiny models: the exact KL) moves the

@@ -176,8 +176,8 @@ def pack_sequences(prompts: list[torch.Tensor], responses: list[torch.Tensor],
     the response tokens of every row.
 
     Returns:
-        ``input_ids``, ``attention_mask``: (rows, P+R) long (pad id 0, masked); ``response_mask``: (rows, R) float;
-        ``prompt_width``: P.
+        ``input_ids``, ``attention_mask``: (rows, P+R) long (pad id 0, masked); ``response_mask``: (rows, R) float
+        (the responses end the block: the last R + 1 positions' logits predict them).
     """
     width = max(len(p) for p in prompts)
     length = max(len(r) for r in responses)
@@ -189,8 +189,7 @@ def pack_sequences(prompts: list[torch.Tensor], responses: list[torch.Tensor],
         input_ids[i, width:width + len(response)] = response
         attention_mask[i, width - len(prompt):width + len(response)] = 1
         response_mask[i, :len(response)] = mask.float()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-            "prompt_width": width}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
 def read_sequences(batch: KVBatchMeta) -> dict:

@@ -17,7 +17,7 @@ from teamtr_verl import checkpoints
 from teamtr_verl.config import TeamConfig, TeamConfigError, validate_placement
 from teamtr_verl.defaults import AGENT_LOOP_MANAGER, RESUME_MODES, TRAINER_MODE
 from teamtr_verl.defaults import AGENT_LOOP_NAME as AGENT_LOOP
-from teamtr_verl.topology import stacks_team
+from teamtr_verl.topology import agent_trainer_config, stacks_team
 
 DATA_FILE_KEYS = ("data.train_files", "data.val_files")
 # A URL (hdfs://, s3://, gs://, ...) is fetched by verl's or fsspec's own clients at load time: not checked here.
@@ -119,23 +119,29 @@ def validate_resume(config: DictConfig, team: TeamConfig) -> bool:
     stage0 = pending and team.replace.method == "aligned"
     if stage0:
         validate_stage0_tokenizer(team)
-        validate_stage0_model_path(config)
+        validate_stage0_model_path(config, team)
     return stage0
 
 
-def validate_stage0_model_path(config: DictConfig) -> None:
+def validate_stage0_model_path(config: DictConfig, team: TeamConfig) -> None:
     """Stage 0 runs the actors' modules directly on padded batches for whole next-token distributions: refuse the
-    engine options that change what that forward returns or how it is split across ranks."""
-    model, actor = config.actor_rollout_ref.model, config.actor_rollout_ref.actor
-    if model.get("use_fused_kernels", False):
+    engine options that change what that forward returns or how it is split across ranks, in the team's config or in
+    the swapped agent's own actor overrides (both the incumbent's and the newcomer's stacks use them)."""
+    name = team.replace.agent
+    agent_config = agent_trainer_config(config, team.agent(name))
+    if agent_config.actor_rollout_ref.model.get("use_fused_kernels", False):
         raise TeamConfigError("actor_rollout_ref.model.use_fused_kernels=True cannot be used with teamtr.replace "
                               "method=aligned: fused kernels never materialize the logits Stage 0 distils; set it "
                               "to false for the swap's run, or use method=direct")
-    sp = actor.get("ulysses_sequence_parallel_size", 1) or 1
-    if sp > 1:
-        raise TeamConfigError(f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp} cannot be used with "
-                              "teamtr.replace method=aligned: Stage 0 runs every sequence whole on each rank; set "
-                              "it to 1 for the swap's run, or use method=direct")
+    actor = agent_config.actor_rollout_ref.actor
+    for key, sp in (("actor_rollout_ref.actor.ulysses_sequence_parallel_size",  # deprecated in verl 0.9.1, still read
+                     actor.get("ulysses_sequence_parallel_size", 1)),
+                    ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
+                     (actor.get("fsdp_config") or {}).get("ulysses_sequence_parallel_size", 1))):
+        if (sp or 1) > 1:
+            raise TeamConfigError(f"{key}={sp} (agent {name!r}) cannot be used with teamtr.replace method=aligned: "
+                                  "Stage 0 runs every sequence whole on each rank; set it to 1 for the swap's run, or "
+                                  "use method=direct")
 
 
 def validate_stage0_tokenizer(team: TeamConfig) -> None:

@@ -16,7 +16,6 @@ def test_pack_sequences_left_pads_prompts_and_right_pads_responses():
     # rows: prompt [5, 6] + response [7, 8, 9] (last token masked out); prompt [4] + response [3]
     packed = pack_sequences([torch.tensor([5, 6]), torch.tensor([4])], [torch.tensor([7, 8, 9]), torch.tensor([3])],
                             [torch.tensor([1, 1, 0]), torch.tensor([1])])
-    assert packed["prompt_width"] == 2
     assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9], [0, 4, 3, 0, 0]]
     assert packed["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
     assert packed["response_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]

@@ -646,7 +646,11 @@ def test_aligned_replace_defaults_and_what_it_refuses(models):
     team = TeamConfig.from_config(_block(models, delta=0.02, replace={"agent": "solver", "model": models["critic"]}))
     assert (team.replace.method, team.replace.delta0, team.replace.max_epochs, team.replace.heldout_fraction) == (
         "aligned", None, 20, 0.25)
+    assert (team.replace.topk, team.replace.mini_batch, team.replace.lr) == (64, 8, None)
     assert team.stage0_delta() == 0.02
+    given = TeamConfig.from_config(_block(models, replace={"agent": "solver", "model": models["critic"], "topk": 5,
+                                                           "mini_batch": 3, "lr": 1e-4})).replace
+    assert (given.topk, given.mini_batch, given.lr) == (5, 3, 1e-4)
     block = _block(models, replace={"agent": "solver", "model": models["critic"], "delta0": 0.5})
     block["agents"][1]["delta"] = 0.03
     assert TeamConfig.from_config(block).stage0_delta() == 0.5

@@ -627,12 +627,16 @@ def test_an_aligned_swap_is_checked_before_ray(good_config, model_dirs, tmp_path
     OmegaConf.update(config, "ray_kwargs.ray_init.num_cpus", 64)
     assert validate_teamtr_config(config).agent("bob").model == str(same_tokenizer)
     # Stage 0 runs the actors' modules whole on each rank, for the logits: no fused kernels, no sequence parallelism
+    sp = r"ulysses_sequence_parallel_size=2 \(agent 'bob'\) cannot be used with teamtr.replace method=aligned"
     for key, value, expected in (
             ("actor_rollout_ref.model.use_fused_kernels", True, r"^actor_rollout_ref.model.use_fused_kernels=True "
                                                                 r"cannot be used with teamtr.replace method=aligned"),
-            ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 2,
-             r"^actor_rollout_ref.actor.ulysses_sequence_parallel_size=2 cannot be used with teamtr.replace "
-             r"method=aligned")):
+            ("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 2, r"^actor_rollout_ref.actor." + sp),
+            ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size", 2,
+             r"^actor_rollout_ref.actor.fsdp_config." + sp),
+            # the swapped agent's own actor override (teamtr.agents[1] is bob)
+            ("teamtr.agents.1.actor", {"fsdp_config": {"ulysses_sequence_parallel_size": 2}},
+             r"^actor_rollout_ref.actor.fsdp_config." + sp)):
         bad = copy.deepcopy(config)
         OmegaConf.update(bad, key, value, force_add=True)
         with pytest.raises(TeamConfigError, match=expected):

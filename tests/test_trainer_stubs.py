@@ -143,11 +143,12 @@ class FakeWorkerGroup:
 
     def stage0_teacher_topk(self, sequences, k, temperature, micro_rows, vocab_limit):
         self.log.append(("teacher_topk", self.name, k))
-        self.scored = sequences["keys"]
+        self.scored, self.teacher_args = sequences["keys"], (temperature, micro_rows, vocab_limit)
         return [{"teacher": self.name, "vocab_limit": vocab_limit}]  # one result per rank (ONE_TO_ALL)
 
     def stage0_distill_epoch(self, sequences, teacher, temperature, mini_rows, micro_rows, lr):
-        self.log.append(("distill", self.name, teacher["teacher"], mini_rows))
+        self.log.append(("distill", self.name, teacher["teacher"], mini_rows, lr))
+        self.distill_args = (temperature, micro_rows)
         self.distilled = sequences["keys"]
         return [{"loss": 0.25, "grad_norm": 1.0, "steps": 1}]
 
@@ -1158,19 +1159,20 @@ def aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, 
 def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agents_place(
         make_trainer, base_configs, model_dirs, tmp_path):
     """Stage 0 before the stage's first update: one probe regeneration with the incumbent; the incumbent scores its
-    own training and held-out messages and gives its top-k (64) on the training ones; the newcomer is distilled toward
-    it, one epoch at a time (mini-batches of 8 messages), while the held-out KL (k3) is above δ₀ = δ = 0.01 (curve
+    own training and held-out messages and gives its top-k (16) on the training ones; the newcomer is distilled toward
+    it at lr 1e-4, one epoch at a time (mini-batches of 4 messages), while the held-out KL (k3) is above δ₀ = δ = 0.01 (curve
     0.213, 0.0576, 0.00246: two epochs); its weights go into its servers, the agent's turns are routed to them and
     the incumbent's servers sleep. Then the stage runs as usual
     with the newcomer as bob; its first regeneration pairs with the probe (the swap's gain) and reuses alice's turns."""
     log = []
-    trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, [1.0, 0.5, 0.1])
+    trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, [1.0, 0.5, 0.1], topk=16,
+                                   mini_batch=4, lr=1e-4)
     incumbent_models, incumbent = dict(trainer.state.agent_models), trainer.stacks["bob"].worker_group
     metrics = {}
     trainer.step(metrics, {})
-    stage0 = (REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2 + [("sleep", "bob"), ("teacher_topk", "bob", 64)]
-              + [("sleep", "bob-new"), ("monitor", "bob-new"), ("distill", "bob-new", "bob", 8),
-                 ("monitor", "bob-new"), ("distill", "bob-new", "bob", 8), ("monitor", "bob-new"),
+    stage0 = (REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2 + [("sleep", "bob"), ("teacher_topk", "bob", 16)]
+              + [("sleep", "bob-new"), ("monitor", "bob-new"), ("distill", "bob-new", "bob", 4, 1e-4),
+                 ("monitor", "bob-new"), ("distill", "bob-new", "bob", 4, 1e-4), ("monitor", "bob-new"),
                  ("reset_optimizer", "bob-new"), ("sync", "bob-new"), ("route", "bob", "bob-new")])
     assert log == stage0 + REGEN + agent_block("alice") + REGEN + agent_block("bob-new") + REGEN
     held = heldout_prompts(PROMPTS, 0.25, 4, 0)
@@ -1179,6 +1181,12 @@ def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agen
     assert incumbent.scored and all(episode_of(key)[0] not in held for key in incumbent.scored)
     assert len(incumbent.scored) == (PROMPTS - len(held)) * SESSIONS
     assert metrics["teamtr/stage0/distill_loss"] == 0.25
+    # the agent's sampling temperature and actor micro-batch, the shared tokenizer's size
+    config = trainer.stacks["bob"].config.actor_rollout_ref
+    micro = config.actor.ppo_micro_batch_size_per_gpu
+    vocab = len(agent_tokenizer(trainer.team.agent("bob").model))
+    assert incumbent.teacher_args == (config.rollout.temperature, micro, vocab) and vocab > 0
+    assert trainer.stacks["bob"].worker_group.distill_args == (config.rollout.temperature, micro)
     curve = [k3_message(1.0), k3_message(0.5), k3_message(0.1)]
     assert (metrics["teamtr/stage0/kl"], metrics["teamtr/stage0/kl_initial"]) == (
         pytest.approx(curve[2], rel=1e-5), pytest.approx(curve[0], rel=1e-5))  # float32 log-probs

@@ -12,7 +12,8 @@ stopping rule (docs/paper_map.md). Two pieces here:
   natural parameter t, and KL(π_inc ‖ π_t) is convex in t and 0 at t = 1), so bisection finds the smallest t exactly;
   either direction can be chosen with ``direction``.
 * the **alignment losses and monitor**: with a shared vocabulary, the forward KL from the incumbent's top-k
-  log-probabilities (what its vLLM server returns, plus the mass outside them) to the newcomer's logits, per token
+  log-probabilities (its actor's, in the trainer; a vLLM server returns the same form), plus the mass outside them,
+  to the newcomer's logits, per token
   position (:func:`topk_forward_kl`; a lower bound on KL(π_inc ‖ π_new), exact when k is the whole vocabulary); across vocabularies, the
   message-level k1 estimate of KL(π_inc ‖ π_new) on messages the incumbent sampled, scored by both models in their
   own tokens (:func:`message_kl`, a monitor; the matching loss is the newcomer's negative log-likelihood of the
