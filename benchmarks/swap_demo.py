@@ -1,6 +1,7 @@
 """Plug-and-play replacement on the relay task (issue 13, item 5): swap bob for another model three ways.
 
-    python benchmarks/swap_demo.py [--stages 4] [--after 3] [--out .demo/swap]
+    python benchmarks/swap_demo.py [--stages 4] [--after 3] [--arms none direct aligned] [--tokenizer team|own]
+                                   [--out .demo/swap]
 
 A two-agent relay team (the demo's, ``teamtr_relay_cpu``, 24 prompts per stage so 3 devices divide the episodes)
 trains ``--stages`` stages with TeamTR. From that checkpoint, three continuations of ``--after`` stages each:
@@ -10,7 +11,9 @@ trains ``--stages`` stages with TeamTR. From that checkpoint, three continuation
 * ``aligned``: the same newcomer, after Stage 0 (method=aligned, defaults: δ₀ = bob's δ, top-k 64, 20 epochs).
 
 The newcomer is another size (hidden 192, 3 heads instead of 128, 2), another init (seed 7) and warm-started on the
-relay task like the team's agents were before their TeamTR stages, with the team's tokenizer. Printed: the team return
+relay task like the team's agents were before their TeamTR stages, with the team's tokenizer or (``--tokenizer own``)
+its own, trained on the relay text with another vocabulary size (384 instead of 512: Stage 0 then re-tokenizes the
+probe and trains on the incumbent's messages' likelihood). Printed: the team return
 of each stage's first regeneration (for the first stage after the swap: the team with the newcomer, before any update
 of that stage), the Stage-0 KL curve, and the swap's paired gain (same prompts and seeds as the probe).
 """
@@ -32,15 +35,21 @@ REFUSED = re.compile(r"not aligned within (\d+) steps: KL \S+ > delta0 \S+ \(cur
 STAGE = ["data.train_batch_size=24", "ray_kwargs.ray_init.num_cpus=24"]
 
 
-def build_newcomer(team: Path, out: Path) -> Path:
-    """A differently sized, differently initialised bob, warm-started on the relay task, with the team's tokenizer."""
+def build_newcomer(team: Path, out: Path, own_tokenizer: bool = False) -> Path:
+    """A differently sized, differently initialised bob, warm-started on the relay task, with the team's tokenizer
+    or its own (trained on the relay text, another vocabulary size)."""
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from teamtr_verl.fixtures import build_tiny_model
+    from teamtr_verl.fixtures import build_tiny_model, build_tokenizer
+    from teamtr_verl.fixtures.relay import relay_corpus
 
+    tokenizer_dir = team / "bob"
+    if own_tokenizer:
+        tokenizer_dir = out.with_name(out.name + "_tokenizer")
+        build_tokenizer(384, relay_corpus(["alice", "bob"], seed=7), seed=7).save_pretrained(str(tokenizer_dir))
     init = build_tiny_model(out.with_name(out.name + "_init"), seed=7, vocab_size=512, hidden_size=192, num_heads=3,
-                            tokenizer_dir=team / "bob")
+                            tokenizer_dir=tokenizer_dir)
     model, tokenizer = Qwen2ForCausalLM.from_pretrained(str(init)), AutoTokenizer.from_pretrained(str(init))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
@@ -56,13 +65,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--after", type=int, default=3)
+    parser.add_argument("--arms", nargs="+", choices=("none", "direct", "aligned"),
+                        default=["none", "direct", "aligned"])
+    parser.add_argument("--tokenizer", choices=("team", "own"), default="team",
+                        help="the newcomer's tokenizer: the team's, or its own (another vocabulary)")
     parser.add_argument("--out", type=Path, default=Path(".demo/swap"))
     args = parser.parse_args()
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     team = out / "team"
     build_relay_team(team)
-    newcomer = build_newcomer(team, out / "bob_v2")
+    newcomer = build_newcomer(team, out / "bob_v2", own_tokenizer=args.tokenizer == "own")
     common = [team_override({"alice": team / "alice", "bob": team / "bob"}), *STAGE,
               f"data.train_files={team / 'data' / 'train.parquet'}", f"data.val_files={team / 'data' / 'test.parquet'}"]
     result, base = run_main_ppo("teamtr_relay_cpu", [
@@ -72,6 +85,7 @@ def main() -> None:
         raise SystemExit(f"the base run failed: see {out / 'base'}")
     arms = {"none": [], "direct": [f"teamtr.replace={{agent: bob, model: '{newcomer}', method: direct}}"],
             "aligned": [f"teamtr.replace={{agent: bob, model: '{newcomer}'}}", "trainer.n_gpus_per_node=3"]}
+    arms = {arm: extra for arm, extra in arms.items() if arm in args.arms}
     rows, logs = {}, {}
     for arm, extra in arms.items():
         work = out / arm
@@ -85,8 +99,9 @@ def main() -> None:
     after = list(range(args.stages + 1, args.stages + args.after + 1))
     lines = [*header_lines("Replacing bob on the relay task: none / direct / aligned"),
              f"- relay team (teamtr_relay_cpu, 24 prompts x n=8 per stage), {args.stages} TeamTR stages, then "
-             f"{args.after} more per arm; newcomer: hidden 192 (bob: 128), seed 7, relay warm start, the team's "
-             "tokenizer",
+             f"{args.after} more per arm; newcomer: hidden 192 (bob: 128), seed 7, relay warm start, "
+             + ("the team's tokenizer" if args.tokenizer == "team" else "its own tokenizer (vocabulary 384, the "
+                "team's 512: Stage 0 re-tokenizes)"),
              "- team return (each stage's first regeneration) over the base stages: "
              + ", ".join(f"{base[s]['teamtr/stage/return_mean']:.3f}" for s in sorted(base)), "",
              "| arm | " + " | ".join(f"stage {s}" for s in after) + " | Stage 0 |",
@@ -102,7 +117,9 @@ def main() -> None:
                           f"return with the incumbent (probe) {first.get('teamtr/stage0/return_incumbent', float('nan')):.3f}, "
                           f"swap's paired gain {first.get('teamtr/stage0/crn_gain', float('nan')):+.3f} "
                           f"± {first.get('teamtr/stage0/crn_gain_se', float('nan')):.3f}, "
-                          f"{first.get('teamtr/stage0/seconds', float('nan')):.0f} s")
+                          f"{first.get('teamtr/stage0/seconds', float('nan')):.0f} s"
+                          + (f", re-tokenized ({first.get('teamtr/stage0/untranslated_messages', 0):.0f} messages "
+                             "left out)" if first.get("teamtr/stage0/retokenized") else ""))
             elif refused:
                 stage0 = f"refused after {refused.group(1)} epochs, KL curve {refused.group(2)}"
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {stage0} |")

@@ -210,8 +210,9 @@ class ReplaceSpec:
     max_epochs: int = 20
     heldout_fraction: float = 0.25
     # the distillation: the incumbent's top-k tokens per position (plus the mass outside them; exact when k covers the
-    # vocabulary), the probe messages per optimizer step (an epoch is one pass over the training messages) and the
-    # learning rate of its steps (None: the agent's actor.optim.lr)
+    # vocabulary; unused across tokenizers, where the loss is the re-tokenized messages' likelihood), the probe
+    # messages per optimizer step (an epoch is one pass over the training messages) and the learning rate of its steps
+    # (None: the agent's actor.optim.lr)
     topk: int = 64
     mini_batch: int = 8
     lr: Optional[float] = None

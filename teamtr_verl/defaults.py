@@ -64,4 +64,8 @@ REUSED_FIELD = "teamtr_reused"  # extra_fields key: a turn taken from the previo
 # dataset-row field the trainer sets to reuse an episode's first turns from the previous regeneration of the same
 # episode: JSON {session: [[prompt_ids, response_ids, log_probs or null, server extra_fields], ...]}
 PREFIX_FIELD = "teamtr_prefix"
+# dataset-row field of a Stage-0 probe: the swapped agent still speaks as the incumbent (its model's tokenizer)
+PROBE_FIELD = "teamtr_probe"
+# a turn's extra field: the model whose tokenizer wrote its ids (the reward decodes the answer with it)
+MODEL_FIELD = "teamtr_model"
 AGENT_VIEWS_KEY = "agent_views"  # extra_info key: per-agent views of a dataset row

@@ -192,10 +192,64 @@ def pack_sequences(prompts: list[torch.Tensor], responses: list[torch.Tensor],
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
-def read_sequences(batch: KVBatchMeta) -> dict:
-    """``batch``'s real rows (padding rows left out) as :func:`pack_sequences` packs them."""
+def read_rows(batch: KVBatchMeta) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """``batch``'s real rows (padding rows left out): prompt ids, response ids and response masks, one tensor each."""
     data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
                            select_fields=["prompts", "responses", "response_mask"])
     real = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)]
     prompts, responses, masks = (data[field].unbind() for field in ("prompts", "responses", "response_mask"))
-    return pack_sequences([prompts[i] for i in real], [responses[i] for i in real], [masks[i] for i in real])
+    return [prompts[i] for i in real], [responses[i] for i in real], [masks[i] for i in real]
+
+
+def read_sequences(batch: KVBatchMeta) -> dict:
+    """``batch``'s real rows as :func:`pack_sequences` packs them."""
+    return pack_sequences(*read_rows(batch))
+
+
+def _translate(ids: list[int], source, target) -> Optional[list[int]]:
+    """``ids`` (``source``'s tokens) in ``target``'s: the same token strings by the target's ids where it has them all
+    and they decode to the same text (a permuted or extended vocabulary: the segmentation the incumbent sampled is
+    kept, and a newcomer equal to it scores the message exactly as it did); otherwise the text re-encoded (the
+    target's own segmentation), unless the tokens are not whole text (a sampled byte-level token can stop inside a
+    UTF-8 character: decoding replaces it with U+FFFD, the bytes are lost) and None is returned."""
+    text = source.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    vocab = target.get_vocab()
+    tokens = source.convert_ids_to_tokens(ids)
+    if all(token in vocab for token in tokens):
+        mapped = [vocab[token] for token in tokens]
+        if target.decode(mapped, skip_special_tokens=False, clean_up_tokenization_spaces=False) == text:
+            return mapped
+    if "\ufffd" in text:
+        return None
+    return target.encode(text, add_special_tokens=False)
+
+
+def retokenize_rows(prompts: list[torch.Tensor], responses: list[torch.Tensor], source, target
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """The same texts in ``target``'s tokens (:func:`_translate`): each prompt, and each message without its
+    end-of-message token, given ``target``'s EOS exactly when it had ``source``'s (a message cut at the length limit
+    has none). With the same chat template (checked before Ray) a prompt is what the target's own template renders
+    for that context. Returns (prompts, responses, masks) of the rows that translate exactly, and their indices."""
+    if target.eos_token_id is None:
+        raise ValueError(f"the target tokenizer ({type(target).__name__}) has no EOS token: a message could not end")
+    out_prompts, out_responses, kept = [], [], []
+    for index, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        ids = response.tolist()
+        ended = bool(ids) and ids[-1] == source.eos_token_id
+        context, message = _translate(prompt.tolist(), source, target), _translate(ids[:-1] if ended else ids,
+                                                                                   source, target)
+        if context is None or message is None:
+            continue
+        out_prompts.append(torch.tensor(context, dtype=torch.long))
+        out_responses.append(torch.tensor(message + ([target.eos_token_id] if ended else []), dtype=torch.long))
+        kept.append(index)
+    return out_prompts, out_responses, [torch.ones(len(r)) for r in out_responses], kept
+
+
+def likelihood_teacher(sequences: dict) -> dict:
+    """The teacher of a Stage 0 across tokenizers, in :meth:`TeamActorRolloutRefWorker.stage0_teacher_topk`'s form:
+    at each response position the message's own (re-tokenized) token with log-probability 0. With it the top-k
+    forward KL is the newcomer's negative log-likelihood of the incumbent's messages (k = 1, nothing outside it)."""
+    length = sequences["response_mask"].shape[1]
+    ids = sequences["input_ids"][:, sequences["input_ids"].shape[1] - length:, None]
+    return {"log_probs": torch.zeros(ids.shape), "ids": ids.int()}

@@ -25,7 +25,15 @@ from verl.utils.profiler import simple_timer
 from verl.workers.rollout.llm_server import LLMServerClient
 
 from teamtr_verl.config import TeamConfig
-from teamtr_verl.defaults import AGENT_FIELD, AGENT_LOOP_NAME, PREFIX_FIELD, REUSED_FIELD, TURN_FIELD
+from teamtr_verl.defaults import (
+    AGENT_FIELD,
+    AGENT_LOOP_NAME,
+    MODEL_FIELD,
+    PREFIX_FIELD,
+    PROBE_FIELD,
+    REUSED_FIELD,
+    TURN_FIELD,
+)
 from teamtr_verl.team_logic import (
     Message,
     agent_view,
@@ -140,10 +148,11 @@ class TeamHandoffAgentLoop(AgentLoopBase):
         validate = bool(kwargs.get(VALIDATE_KWARG, False))
         session = int(kwargs.get("session_id", 0))
         reused = episode_prefix(kwargs.get(PREFIX_FIELD), session)
+        swap = self.team.replace if kwargs.get(PROBE_FIELD) else None  # a Stage-0 probe: the incumbent still speaks
         transcript: list[Message] = []
         outputs: list[AgentLoopOutput] = []
         for turn, speaker in enumerate(schedule):
-            agent = self.team.agent(speaker)
+            agent = swap.incumbent_agent if swap is not None and speaker == swap.agent else self.team.agent(speaker)
             tokenizer = agent_tokenizer(agent.model)
             metrics = {"generate_sequences": 0.0}
             if turn < len(reused):  # the same speaker saw the same context: the earlier sample stands (exact)
@@ -168,7 +177,8 @@ class TeamHandoffAgentLoop(AgentLoopBase):
             content = tokenizer.decode(response_ids, skip_special_tokens=True)
             transcript.append(Message(speaker=speaker, turn=turn, content=content))
             extra_fields = dict(server_fields)
-            extra_fields.update({AGENT_FIELD: speaker, TURN_FIELD: turn, ANSWER_FIELD: turn == scored_turn,
+            extra_fields.update({AGENT_FIELD: speaker, MODEL_FIELD: agent.model, TURN_FIELD: turn,
+                                 ANSWER_FIELD: turn == scored_turn,
                                  REUSED_FIELD: turn < len(reused)})
             outputs.append(
                 AgentLoopOutput(
@@ -204,8 +214,9 @@ class _TeamAgentLoopWorker(AgentLoopWorkerTQ.__ray_metadata__.modified_class):
                                              **{VALIDATE_KWARG: bool(trajectory["validate"])})
 
     async def _agent_loop_postprocess(self, output, validate, **kwargs) -> None:
-        # verl stores every row argument in every output row: the prefix and the validate flag are input only
+        # verl stores every row argument in every output row: the prefix, probe and validate flags are input only
         kwargs.pop(PREFIX_FIELD, None)
+        kwargs.pop(PROBE_FIELD, None)
         kwargs.pop(VALIDATE_KWARG, None)
         return await super()._agent_loop_postprocess(output, validate, **kwargs)
 
@@ -213,8 +224,7 @@ class _TeamAgentLoopWorker(AgentLoopWorkerTQ.__ray_metadata__.modified_class):
         answer = outputs[-1]
         if AGENT_FIELD not in answer.extra_fields or self.reward_loop_worker_handles is None:
             return await super()._compute_score(outputs, kwargs)
-        team = team_of(self.config)
-        answer_tokenizer = agent_tokenizer(team.agent(answer.extra_fields[AGENT_FIELD]).model)
+        answer_tokenizer = agent_tokenizer(answer.extra_fields[MODEL_FIELD])
         reward_view = answer.model_copy(deep=True)
         text = answer_tokenizer.decode(answer.response_ids, skip_special_tokens=True)
         reward_view.prompt_ids = self.tokenizer.encode(

@@ -45,13 +45,17 @@ from verl.workers.utils.losses import ppo_loss
 
 from teamtr_verl import algos, checkpoints, patches
 from teamtr_verl.config import TeamConfig
-from teamtr_verl.defaults import PREFIX_FIELD, TRAINER_MODE
+from teamtr_verl.defaults import PREFIX_FIELD, PROBE_FIELD, TRAINER_MODE
 from teamtr_verl.rollout_batch import (
     TeamRollout,
+    likelihood_teacher,
+    pack_sequences,
     read_log_probs,
+    read_rows,
     read_sequences,
     read_team_rollout,
     read_turn_records,
+    retokenize_rows,
     write_advantages,
 )
 from teamtr_verl.state import TeamTRState, stage0_pending
@@ -62,6 +66,7 @@ from teamtr_verl.team_logic import (
     prompt_seeds,
     reusable_turns,
     router_schedule,
+    same_vocabulary,
 )
 from teamtr_verl.topology import build_team_stacks, expected_server_names, stacks_team
 from teamtr_verl.watchdog import AgentWatch, describe
@@ -215,12 +220,14 @@ class TeamTRTrainer(PPOTrainer):
         self.checkpoint_manager = stack.checkpoint_manager
 
     @contextlib.contextmanager
-    def _agent_context(self, name: str):
-        """verl's helpers read ``self.config`` and ``self.actor_rollout_wg``: show them agent ``name``'s."""
+    def _agent_context(self, name: str, model: Optional[str] = None):
+        """verl's helpers read ``self.config`` and ``self.actor_rollout_wg``: show them agent ``name``'s (``model``:
+        the model its stack holds where that is not the team's, the incumbent of a Stage 0)."""
         team_config, team_tokenizer = self.config, self.tokenizer
         self._bind(name)
         self.config = self.stacks[name].config
-        self.tokenizer = agent_tokenizer(self.team.agent(name).model)  # verl pads the agent's rows with its EOS id
+        # verl pads the agent's rows with its EOS id
+        self.tokenizer = agent_tokenizer(model or self.team.agent(name).model)
         try:
             yield self.stacks[name]
         finally:
@@ -305,17 +312,21 @@ class TeamTRTrainer(PPOTrainer):
         return frozenset(held)
 
     def _regenerate(self, prompts, part: list[int], stage: int, previous: Optional[TeamRollout],
-                    metrics: dict, changed: frozenset[str] | set[str] = frozenset()) -> TeamRollout:
+                    metrics: dict, changed: frozenset[str] | set[str] = frozenset(), probe: bool = False
+                    ) -> TeamRollout:
         """Team rollouts of the current team on the stage's prompts ``part`` (indices): fresh uids that keep each
         prompt's index, existing servers, and (``certificate.crn``) the stage's sampling seeds, so that it pairs
         episode by episode with ``previous`` where both cover the same prompts. With ``reuse_prefix``, each episode's
-        turns before the first turn of a ``changed`` agent are taken from ``previous`` instead of generated."""
+        turns before the first turn of a ``changed`` agent are taken from ``previous`` instead of generated.
+        ``probe``: a Stage-0 probe, where the swapped agent is still the incumbent (its tokenizer, its servers)."""
         batch = tu.index_select_tensor_dict(prompts, list(part))
         uids = [f"p{index}x{uuid.uuid4().hex}" for index in part]  # no "_": verl splits keys on it
         tu.assign_non_tensor_stack(batch, "uid", uids)
         if self.team.certificate.crn:
             seeds = prompt_seeds(stage, len(prompts), self.team.order_seed)
             tu.assign_non_tensor_stack(batch, SEED_FIELD, [seeds[index] for index in part])
+        if probe:
+            tu.assign_non_tensor_stack(batch, PROBE_FIELD, [True] * len(part))
         prefix = self._reusable_prefix(previous, part, changed)
         if prefix:
             tu.assign_non_tensor_stack(batch, PREFIX_FIELD, [prefix.get(index, "") for index in part])
@@ -393,37 +404,60 @@ class TeamTRTrainer(PPOTrainer):
         message of the replaced agent with the exact context it saw (the team's own occupancy). The incumbent's actor
         scores them (π_cur of Eq. 11) and gives its top-k next-token distribution at every position of the training
         groups' messages; the newcomer is distilled toward it (top-k forward KL(π_incumbent ‖ π_new)), one epoch at a
-        time, until the KL monitor on the held-out groups is ≤ δ₀. Then its weights go into its own servers, which take over
+        time, until the KL monitor on the held-out groups is ≤ δ₀. Across tokenizers the messages are re-tokenized
+        for the newcomer, its loss is their likelihood and the monitor the message-level KL, each model scoring the
+        texts in its own tokens. Then its weights go into its own servers, which take over
         the agent's turns, and the swap is recorded; otherwise the run stops before anything is saved. Returns the
         probe and {agent}: the stage's first regeneration pairs with it (the swap's paired gain)."""
         swap, name = self.team.replace, self.team.replace.agent
         delta0, start = self.team.stage0_delta(), time.perf_counter()
         print(f"teamtr: stage {stage}: Stage 0: probing the team's contexts for {name}'s incoming model", flush=True)
-        probe = self._regenerate(prompts, list(range(len(prompts))), stage, None, {})
+        probe = self._regenerate(prompts, list(range(len(prompts))), stage, None, {}, probe=True)
         held = frozenset(heldout_prompts(len(prompts), swap.heldout_fraction, stage, self.team.order_seed))
-        with self._agent_context(name) as stack:  # the incumbent scores its own messages, and gives its top-k
+        shared = same_vocabulary(agent_tokenizer(swap.incumbent), agent_tokenizer(swap.model))
+        reference = None  # across tokenizers: the incumbent's log-probabilities of the held-out messages
+        with self._agent_context(name, swap.incumbent) as stack:  # the incumbent scores its messages, gives its top-k
             train, monitor = self._agent_rows(name, probe, held, {})
             if train is None or monitor is None:
                 raise ValueError(f"teamtr.replace: the probe has no {'training' if train is None else 'held-out'} "
                                  f"message of {name!r} (data.train_batch_size={len(prompts)} prompts, "
                                  f"teamtr.replace.heldout_fraction={swap.heldout_fraction})")
             stack.checkpoint_manager.sleep_replicas()  # its servers serve no turn any more (the probe was the last)
-            sequences = read_sequences(train)
             temperature = self.config.actor_rollout_ref.rollout.temperature  # the agent's, as _fresh_log_probs
-            teacher = stack.worker_group.stage0_teacher_topk(sequences, swap.topk, temperature,
-                                                             self._micro_rows(swap), len(self.tokenizer))[0]
+            if shared:
+                sequences = read_sequences(train)
+                teacher = stack.worker_group.stage0_teacher_topk(sequences, swap.topk, temperature,
+                                                                 self._micro_rows(swap), len(self.tokenizer))[0]
+            else:  # the messages that translate exactly into the newcomer's tokens (rollout_batch._translate)
+                source, target = self.tokenizer, agent_tokenizer(swap.model)
+                train_rows, held_rows = read_rows(train), read_rows(monitor)
+                *translated, kept = retokenize_rows(*train_rows[:2], source, target)
+                *translated_held, kept_held = retokenize_rows(*held_rows[:2], source, target)
+                untranslated = len(train_rows[0]) + len(held_rows[0]) - len(kept) - len(kept_held)
+                if not kept or not kept_held:
+                    raise ValueError(f"teamtr.replace: no {'training' if not kept else 'held-out'} message of {name!r} "
+                                     f"in the probe translates exactly into {swap.model}'s tokens ({untranslated} "
+                                     "do not); use method=direct")
+                sequences = pack_sequences(*translated)
+                teacher = likelihood_teacher(sequences)
+                reference = stack.worker_group.stage0_message_logp(
+                    pack_sequences(*([rows[i] for i in kept_held] for rows in held_rows)), temperature,
+                    self._micro_rows(swap))[0]
+                monitor = pack_sequences(*translated_held)
+                metrics["teamtr/stage0/untranslated_messages"] = untranslated
         incumbent, incoming = self.stacks[name], self._incoming
         incoming.name = name  # from now on it is the agent: its checkpoints, syncs and metrics
         self.stacks[name] = incoming
         incoming.checkpoint_manager.sleep_replicas()  # its servers' memory for its training (the sync wakes them)
         with self._agent_context(name):
-            curve = [self._stage0_kl(monitor)]
+            curve = [self._stage0_kl(monitor, reference)]
             verdict = algos.alignment_verdict(curve, delta0, swap.max_epochs)
             while verdict.status == "continue":
                 epoch = incoming.worker_group.stage0_distill_epoch(sequences, teacher, temperature, swap.mini_batch,
                                                                    self._micro_rows(swap), swap.lr)[0]
-                metrics["teamtr/stage0/distill_loss"] = epoch["loss"]  # the last epoch's (top-k KL per token)
-                curve.append(self._stage0_kl(monitor))
+                # the last epoch's, per token: top-k KL, or across tokenizers the negative log-likelihood
+                metrics["teamtr/stage0/distill_loss"] = epoch["loss"]
+                curve.append(self._stage0_kl(monitor, reference))
                 verdict = algos.alignment_verdict(curve, delta0, swap.max_epochs)
                 print(f"teamtr: stage {stage}: Stage 0: {verdict.message} (training loss {epoch['loss']:.4g})",
                       flush=True)
@@ -450,6 +484,7 @@ class TeamTRTrainer(PPOTrainer):
                         "teamtr/stage0/return_incumbent": probe.return_mean,
                         "teamtr/stage0/episodes": len(probe.returns),
                         "teamtr/stage0/seconds": time.perf_counter() - start,
+                        "teamtr/stage0/retokenized": float(not shared),
                         **{f"teamtr/stage0/{key}": value for key, value in sizes.items()}})
         return probe, {name}
 
@@ -458,9 +493,17 @@ class TeamTRTrainer(PPOTrainer):
         batch sizes, which set none)."""
         return self.config.actor_rollout_ref.actor.get("ppo_micro_batch_size_per_gpu") or swap.mini_batch
 
-    def _stage0_kl(self, monitor: KVBatchMeta) -> float:
+    def _stage0_kl(self, monitor, reference: Optional[torch.Tensor] = None) -> float:
         """KL(π_incumbent ‖ π_new) per message on the held-out probe messages (Eq. 11), with the k3 estimator: each
-        term is >= 0, so a noisy probe cannot pass δ₀ on a negative estimate (k1 can go below 0)."""
+        term is >= 0, so a noisy probe cannot pass δ₀ on a negative estimate (k1 can go below 0).
+
+        Across tokenizers (``reference``: the incumbent's log π(message | context), ``monitor`` the re-tokenized
+        messages) there are no per-token ratios: the message-level k1 estimate, floored at 0 (a KL is >= 0; the
+        estimate errs upward, :func:`teamtr_verl.algos.message_kl`)."""
+        if reference is not None:
+            new = self.actor_rollout_wg.stage0_message_logp(monitor, self.config.actor_rollout_ref.rollout.temperature,
+                                                            self._micro_rows(self.team.replace))[0]
+            return max(0.0, algos.message_kl(reference, new)[0])
         logps = self._fresh_log_probs(monitor)
         return float(algos.token_kl_monitor(logps["old"], logps["new"], logps["mask"], estimator="k3"))
 

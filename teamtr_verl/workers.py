@@ -138,7 +138,7 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
                 perturbed += tensor.numel()
         return perturbed
 
-    # -- Stage 0 of an aligned swap (teamtr.replace): top-k forward-KL distillation from the incumbent ------------
+    # -- Stage 0 of an aligned swap (teamtr.replace): distillation from the incumbent ---------------------------------
     # Both run the actor's module directly on a padded batch (rollout_batch.pack_sequences): verl's engine path returns
     # one value per token, and the teacher's top-k is a k-vector per token. Each rank runs the whole batch
     # (ONE_TO_ALL): FSDP averages identical gradients, so the step is the single-rank one.
@@ -185,6 +185,21 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
                 log_probs.append(top.values.cpu())
                 ids.append(top.indices.int().cpu())  # int32: half the bytes sent back to every rank each epoch
         return {"log_probs": torch.cat(log_probs), "ids": torch.cat(ids)}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def stage0_message_logp(self, sequences: dict, temperature: float, micro_rows: int) -> torch.Tensor:
+        """log π(message | context) of every row: the sum of its response tokens' log-probabilities at
+        ``temperature`` (the cross-tokenizer monitor scores each model in its own tokens): (rows,) float64."""
+        sums, mask = [], sequences["response_mask"]
+        with self.actor.engine.eval_mode(), torch.no_grad():
+            for start in range(0, len(mask), micro_rows):
+                part = slice(start, start + micro_rows)
+                logits = self._response_logits(sequences, part, temperature)
+                ids = sequences["input_ids"][part, -mask.shape[1]:].to(logits.device)
+                token = torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None].long())[..., 0]
+                real = mask[part].to(token.device) > 0
+                sums.append(torch.where(real, token, torch.zeros_like(token)).double().sum(-1).cpu())
+        return torch.cat(sums)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage0_distill_epoch(self, sequences: dict, teacher: dict, temperature: float, mini_rows: int,

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from teamtr_verl import algos
-from teamtr_verl.fixtures import build_tiny_model, perturbed_copy, write_addition_dataset
+from teamtr_verl.fixtures import build_tiny_model, permuted_vocabulary_copy, perturbed_copy, write_addition_dataset
 from teamtr_verl.runs import run_main_ppo, team_override
 
 pytestmark = pytest.mark.e2e
@@ -186,25 +186,25 @@ STAGE0_RUN = ("trainer.n_gpus_per_node=3", "ray_kwargs.ray_init.num_cpus=24", "d
 
 
 def test_an_aligned_swap_probes_the_team_then_hands_bobs_turns_to_the_newcomer(two_stages, team, tmp_path):
-    """Stage 0 from the stage-1 checkpoint: a probe regeneration with the incumbent bob, the KL of the newcomer (the
-    incumbent's weights plus noise of 0.2 x std) on the held-out probe messages, then, within δ₀, the swap: the stage
-    trains the newcomer as bob, and his turns are sampled by the newcomer's servers (with the incumbent's, whose KL to
-    the newcomer is ≥ 0.005 per message, the rollout-vs-actor log-prob gap would be far above 1e-3). δ₀ = 1 so the
-    swap passes at epoch 0: this newcomer starts at about 0.02 (0.0212 and 0.0198 in two runs) and 8 training
-    messages distil it only to about 0.019, too close to fix a δ₀ between the two; the distillation epochs are run
-    by the refusal test below and measured in benchmarks/swap_demo.py (0.386 -> 0.043 in 3 epochs)."""
+    """Stage 0 from the stage-1 checkpoint, across tokenizers: the newcomer is the stage-1 bob with every ordinary
+    token id moved (another vocabulary, the same model of text). The probe regeneration is the incumbent's (his
+    tokens, his servers); the held-out messages re-tokenized for the newcomer measure a message-level KL of 0 (up to
+    rounding), within δ₀ at epoch 0; then the stage trains the newcomer as bob, his turns rendered in the new vocabulary
+    and sampled by the newcomer's servers (the incumbent's would answer in the old ids: the rollout-vs-actor log-prob
+    gap would be far above 1e-3). Distillation epochs through Ray run in the refusal test below (top-k, shared
+    vocabulary) and are measured in benchmarks/swap_demo.py (0.386 -> 0.043 in 3 epochs)."""
     _, ckpt, _ = two_stages
-    _, bob, _ = team
-    newcomer = perturbed_copy(ckpt / "global_step_1" / "bob" / "huggingface", tmp_path / "bob_noisy", 0.2, seed=3,
-                              tokenizer_dir=bob)
+    newcomer = permuted_vocabulary_copy(ckpt / "global_step_1" / "bob" / "huggingface", tmp_path / "bob_permuted", 1)
     workdir = tmp_path / "aligned"
     stages = run_teamtr(team, workdir, *STAGE0_RUN, f"trainer.resume_from_path={ckpt / 'global_step_1'}",
                         "trainer.save_freq=1", f"trainer.default_local_dir={workdir / 'ckpt'}",
-                        f"teamtr.replace={{agent: bob, model: '{newcomer}', delta0: 1.0}}")
+                        f"teamtr.replace={{agent: bob, model: '{newcomer}', delta0: 0.01}}")
     assert sorted(stages) == [2]
     metrics = stages[2]
-    assert metrics["teamtr/bob/replaced"] == 1.0 and metrics["teamtr/stage0/delta0"] == 1.0
-    assert 0.005 <= metrics["teamtr/stage0/kl"] == metrics["teamtr/stage0/kl_initial"] <= 1.0
+    assert metrics["teamtr/bob/replaced"] == 1.0 and metrics["teamtr/stage0/delta0"] == 0.01
+    assert metrics["teamtr/stage0/retokenized"] == 1.0 and metrics["teamtr/stage0/epochs"] == 0
+    assert metrics["teamtr/stage0/untranslated_messages"] == 0  # every token string exists in the new vocabulary
+    assert 0.0 <= metrics["teamtr/stage0/kl"] == metrics["teamtr/stage0/kl_initial"] < 1e-3
     assert metrics["teamtr/stage0/episodes"] == 12  # 6 prompts x n=2, bob speaks once in each
     assert metrics["teamtr/stage0/probe_messages"] + metrics["teamtr/stage0/heldout_messages"] == 12
     for agent in ("alice", "bob"):

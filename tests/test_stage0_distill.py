@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from teamtr_verl.algos import exact_kl
-from teamtr_verl.rollout_batch import pack_sequences
+from teamtr_verl.algos import exact_kl, message_kl
+from teamtr_verl.rollout_batch import likelihood_teacher, pack_sequences, retokenize_rows
 from teamtr_verl.workers import TeamActorRolloutRefWorker
 
 
@@ -154,3 +154,136 @@ def test_without_a_stage0_lr_the_configured_lr_holds_not_the_schedules_current_o
     assert any(not torch.equal(w, p) for w, p in zip(weights, engine.module.parameters()))
     assert engine.optimizer.param_groups[0]["lr"] == 0.0
     assert TeamActorRolloutRefWorker.reset_optimizer_state(newcomer) == len(weights) and not engine.optimizer.state
+
+
+# ----------------------------------------------------------------------------- across tokenizers (re-tokenization)
+TEXTS = [("What is 12 + 30?", "The answer is 42."), ("send the secret number", "agents cooperate to solve it"),
+         ("think", "#### 99")]
+
+
+def text_rows(tokenizer, cut_last: bool = True):
+    """The incumbent's rows as its agent loop writes them: the chat rendered by its template, each message + EOS;
+    the last message cut at a length limit (no EOS)."""
+    prompts, responses = [], []
+    for i, (question, reply) in enumerate(TEXTS):
+        chat = [{"role": "system", "content": "you are bob"}, {"role": "user", "content": question}]
+        prompts.append(torch.tensor(list(tokenizer.apply_chat_template(chat, add_generation_prompt=True,
+                                                                       tokenize=True, return_dict=False))))
+        ids = tokenizer.encode(reply, add_special_tokens=False)
+        ended = not (cut_last and i == len(TEXTS) - 1)
+        responses.append(torch.tensor(ids + [tokenizer.eos_token_id] if ended else ids))
+    return prompts, responses
+
+
+def test_retokenized_rows_are_the_same_texts_in_the_targets_tokens(tiny_team):
+    """alice's and bob's tokenizers were trained on different text: each of bob's rows is the same text in alice's
+    tokens, by token strings where alice has them all (bob's segmentation kept), else in alice's own rendering of
+    the chat and encoding of the message; a message keeps its end exactly when it had one."""
+    from transformers import AutoTokenizer
+
+    source, target = (AutoTokenizer.from_pretrained(path) for path in (tiny_team[1], tiny_team[0]))
+    prompts, responses = text_rows(source)
+    new_prompts, new_responses, masks, kept = retokenize_rows(prompts, responses, source, target)
+    assert kept == [0, 1, 2]
+    vocab = target.get_vocab()
+
+    def by_strings(ids):  # the rule's first branch, by hand (None: a token alice does not have)
+        tokens = source.convert_ids_to_tokens(ids)
+        return [vocab[t] for t in tokens] if all(t in vocab for t in tokens) else None
+
+    for i, (question, reply) in enumerate(TEXTS):
+        chat = [{"role": "system", "content": "you are bob"}, {"role": "user", "content": question}]
+        own = list(target.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
+        mapped = by_strings(prompts[i].tolist())
+        assert new_prompts[i].tolist() == (mapped if mapped is not None else own)
+        ended = i < len(TEXTS) - 1
+        message = source.encode(reply, add_special_tokens=False)
+        mapped_message = by_strings(message)
+        assert new_responses[i].tolist() == (mapped_message if mapped_message is not None else target.encode(
+            reply, add_special_tokens=False)) + ([target.eos_token_id] if ended else [])
+        assert target.decode(new_responses[i].tolist(), skip_special_tokens=True) == reply
+        assert masks[i].tolist() == [1.0] * len(new_responses[i])
+    assert any(a.tolist() != b.tolist() for a, b in zip(responses, new_responses))  # other ids
+    # a sampled token alice does not have (bob's merge ' 624', which his own encoder never produces): her encoding
+    # of the text
+    token = next(token for token in sorted(source.get_vocab()) if token not in vocab
+                 and "\ufffd" not in source.convert_tokens_to_string([token]))
+    text = source.convert_tokens_to_string([token])
+    message = torch.tensor([source.convert_tokens_to_ids(token), source.eos_token_id])
+    _, (translated,), _, kept = retokenize_rows([prompts[0]], [message], source, target)
+    assert kept == [0] and translated.tolist() == target.encode(text, add_special_tokens=False) + [target.eos_token_id]
+    assert len(translated) > 2  # another segmentation of the same text
+
+
+def test_a_message_that_is_not_whole_text_keeps_its_bytes_or_is_left_out(tiny_team):
+    """A sampled byte-level token can stop inside a UTF-8 character ('Ã' is the byte 0xC3 alone, the start of a
+    two-byte character): decoding turns it into U+FFFD and loses the byte. Such a message is carried over token string
+    by token string where the target has every one of them (the same bytes), and left out where it has not."""
+    from transformers import AutoTokenizer
+
+    source, target = (AutoTokenizer.from_pretrained(path) for path in (tiny_team[1], tiny_team[0]))
+    source_vocab, target_vocab = source.get_vocab(), target.get_vocab()
+    lone_byte = "Ã"  # byte-level BPE's character for the byte 0xC3: in every byte-level vocabulary
+    only_source = next(token for token in sorted(source_vocab) if token not in target_vocab and len(token) > 1)
+    prompt = torch.tensor(source.encode("think", add_special_tokens=False))
+    eos = source.eos_token_id
+    responses = [torch.tensor(source.encode("#### 99", add_special_tokens=False) + [eos]),
+                 torch.tensor([source_vocab[lone_byte], source_vocab[only_source], eos]),
+                 torch.tensor([source_vocab[lone_byte], source_vocab["a"], eos])]
+    assert "\ufffd" in source.decode(responses[2].tolist())  # the lost byte
+    new_prompts, new_responses, _, kept = retokenize_rows([prompt] * 3, responses, source, target)
+    assert kept == [0, 2]  # the second one's merged token does not exist in the target's vocabulary
+    assert new_responses[0].tolist() == target.encode("#### 99", add_special_tokens=False) + [target.eos_token_id]
+    assert new_responses[1].tolist() == [target_vocab[lone_byte], target_vocab["a"], target.eos_token_id]
+    assert new_prompts[1].tolist() == target.encode("think", add_special_tokens=False)
+
+
+def test_message_logp_is_the_sum_of_each_rows_own_token_log_probs(tiny_team, probe):
+    prompts, responses, sequences = probe
+    scorer = worker(tiny_team[1])
+    got = TeamActorRolloutRefWorker.stage0_message_logp(scorer, sequences, 0.7, 3)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        tokens = row_log_probs(scorer.actor.engine.module, prompt, response, 0.7).gather(-1, response[:, None])[:, 0]
+        expected = float((tokens * sequences["response_mask"][i, :len(response)]).sum())  # row 3: last token masked
+        assert float(got[i]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_permuted_vocabulary_copy_gives_the_incumbents_texts_the_same_probability(tiny_team, tmp_path):
+    """The fixture the cross-tokenizer e2e swap uses: another vocabulary (every ordinary id moved), the same model
+    of text, so the message-level KL of the re-tokenized messages is 0 up to float rounding."""
+    from transformers import AutoTokenizer
+
+    from teamtr_verl.fixtures import permuted_vocabulary_copy
+
+    copy_dir = permuted_vocabulary_copy(tiny_team[1], tmp_path / "bob_permuted", seed=1)
+    source, target = (AutoTokenizer.from_pretrained(path) for path in (tiny_team[1], copy_dir))
+    assert source.get_vocab() != target.get_vocab() and source.eos_token_id == target.eos_token_id
+    prompts, responses = text_rows(source)
+    *rows, kept = retokenize_rows(prompts, responses, source, target)
+    assert kept == [0, 1, 2] and all(a.tolist() != b.tolist() for a, b in zip(responses, rows[1]))
+    incumbent = TeamActorRolloutRefWorker.stage0_message_logp(
+        worker(tiny_team[1]), pack_sequences(prompts, responses, [torch.ones(len(r)) for r in responses]), 1.0, 2)
+    newcomer = TeamActorRolloutRefWorker.stage0_message_logp(worker(copy_dir), pack_sequences(*rows), 1.0, 2)
+    assert torch.allclose(incumbent, newcomer, atol=1e-4)
+    assert abs(message_kl(incumbent, newcomer)[0]) < 1e-4
+
+
+def test_the_likelihood_teacher_makes_the_loss_the_negative_log_likelihood(tiny_team):
+    """Across tokenizers the teacher is each message's own token with log-probability 1: the top-k forward KL is
+    then −log π_new(token), so the first epoch's loss is the token-mean negative log-likelihood (worked out from
+    stage0_message_logp), and epochs raise the messages' likelihood."""
+    from transformers import AutoTokenizer
+
+    source, target = (AutoTokenizer.from_pretrained(path) for path in (tiny_team[1], tiny_team[0]))
+    sequences = pack_sequences(*retokenize_rows(*text_rows(source), source, target)[:3])
+    teacher = likelihood_teacher(sequences)
+    assert teacher["ids"].shape == teacher["log_probs"].shape == (*sequences["response_mask"].shape, 1)
+    newcomer = worker(tiny_team[0], lr=3e-3)
+    before = TeamActorRolloutRefWorker.stage0_message_logp(newcomer, sequences, 1.0, 2)
+    first = TeamActorRolloutRefWorker.stage0_distill_epoch(newcomer, sequences, teacher, 1.0, 8, 2)
+    assert first["steps"] == 1
+    assert first["loss"] == pytest.approx(-float(before.sum()) / float(sequences["response_mask"].sum()), rel=1e-5)
+    for _ in range(10):
+        TeamActorRolloutRefWorker.stage0_distill_epoch(newcomer, sequences, teacher, 1.0, 8, 2)
+    after = TeamActorRolloutRefWorker.stage0_message_logp(newcomer, sequences, 1.0, 2)
+    assert bool((after > before).all()), (before, after)

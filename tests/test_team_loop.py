@@ -181,6 +181,37 @@ def scored_episode(two_agents, score_fn):
     return outputs
 
 
+def test_a_stage0_probe_lets_the_incumbent_speak_in_its_own_tokens_then_the_newcomer_takes_over(two_agents, tmp_path):
+    """A pending aligned swap of bob for a model with another tokenizer: the team config already names the newcomer,
+    but a probe episode (PROBE_FIELD) is the incumbent's: his turn is rendered and decoded with the incumbent's
+    tokenizer, the row names the model whose tokens it holds, and the reward reads the answer in them. Without the
+    flag the same episode is the newcomer's."""
+    from teamtr_verl.defaults import MODEL_FIELD, PROBE_FIELD
+
+    alice, bob = two_agents
+    newcomer = build_tiny_model(tmp_path / "bob_v2", seed=2, hidden_size=64)
+    config = team_config(alice, bob, replace=f"{{agent: bob, model: '{newcomer}'}}")
+    row = {"data_source": "teamtr_tiny_add", "reward_model": {"ground_truth": "7"}, "extra_info": {"index": 0},
+           "uid": "u1", "session_id": 0}
+    seen = []
+
+    def score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+        seen.append(solution_str)
+        return 1.0
+
+    for probe, speaker_model in ((True, bob), (False, newcomer)):
+        servers = {"alice": ScriptedServer("alice", alice, "msg 7"),
+                   "bob": ScriptedServer("bob", speaker_model, "#### 7")}
+        outputs = run_episode(config, servers, **ROW, **({PROBE_FIELD: True} if probe else {}))
+        assert [o.extra_fields[MODEL_FIELD] for o in outputs] == [str(alice), str(speaker_model)]
+        assert servers["bob"].tokenizer.decode(outputs[-1].prompt_ids).startswith("<|im_start|>system\nYou are bob.")
+        assert outputs[-1].prompt_ids == servers["bob"].prompts[0]
+        assert outputs[-1].extra_fields[TRANSCRIPT_FIELD][-1]["content"] == "#### 7"
+        asyncio.run(make_worker(config, score)._compute_score(outputs, kwargs=dict(row)))
+        assert seen[-1] == "#### 7"
+    assert agent_tokenizer(str(bob)).get_vocab() != agent_tokenizer(str(newcomer)).get_vocab()
+
+
 def test_reward_scores_the_answer_text_of_another_tokenizer_with_the_transcript(two_agents):
     seen = {}
 

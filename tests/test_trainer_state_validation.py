@@ -602,9 +602,18 @@ def test_replace_needs_a_checkpoint_and_a_checkpoint_must_match_before_ray(good_
         validate_teamtr_config(config)
 
 
+def _with(tokenizer, **changes):
+    """A copy of ``tokenizer`` with attributes changed."""
+    changed = copy.deepcopy(tokenizer)
+    for key, value in changes.items():
+        setattr(changed, key, value)
+    return changed
+
+
 def test_an_aligned_swap_is_checked_before_ray(good_config, model_dirs, tmp_path):
-    """Only while it is pending (the checkpoint holds the incumbent): the newcomer must share the incumbent's
-    tokenizer, and the team plus the newcomer's stack must fit the devices (split: one more agent's share)."""
+    """Only while it is pending (the checkpoint holds the incumbent): the newcomer must render the incumbent's
+    contexts alike (its chat template) and end messages (an EOS token), another vocabulary being fine, and the team
+    plus the newcomer's stack must fit the devices (split: one more agent's share)."""
     config = copy.deepcopy(good_config)
     OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path / "ckpt"))
     OmegaConf.update(config, "trainer.resume_mode", "auto")
@@ -614,14 +623,26 @@ def test_an_aligned_swap_is_checked_before_ray(good_config, model_dirs, tmp_path
     TeamTRState.initial(validate_teamtr_config(copy.deepcopy(good_config))).save(folder)
     same_tokenizer = build_tiny_model(tmp_path / "bob_v2", seed=5, hidden_size=64, vocab_size=300, num_layers=3,
                                       tokenizer_dir=model_dirs[1])
-    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[0])}, force_add=True)
-    with pytest.raises(TeamConfigError, match=r"^teamtr.replace.model='.*' has another tokenizer than the incumbent "
-                                              r"\(.*\): method=aligned scores the incumbent's messages token by token"):
-        validate_teamtr_config(config)
+    devices = (r"^teamtr.replace.method=aligned runs the incoming model beside the team until it is aligned: "
+               r"teamtr.placement='split' needs 3 devices \(alice: 1, bob: 1, bob-incoming: 1\) but "
+               r"trainer.n_gpus_per_node \* trainer.nnodes = 2")
+    from transformers import AutoTokenizer
+
+    other_vocabulary = AutoTokenizer.from_pretrained(model_dirs[0])  # alice's: another vocabulary, same template
+    assert other_vocabulary.get_vocab() != AutoTokenizer.from_pretrained(model_dirs[1]).get_vocab()
+    for tokenizer, expected in (
+            (other_vocabulary, devices),  # Stage 0 re-tokenizes: past the tokenizer check, to the next one
+            (_with(other_vocabulary, chat_template="{{ messages[0]['content'] }}"),
+             r"^teamtr.replace.model='.*' has another chat template than the incumbent"),
+            (_with(other_vocabulary, eos_token=None), r"^teamtr.replace.model='.*': its tokenizer has no EOS token")):
+        newcomer = tmp_path / f"bob_other_{len(list(tmp_path.glob('bob_other_*')))}"
+        build_tiny_model(newcomer, seed=6, hidden_size=64, vocab_size=300, num_layers=1, tokenizer_dir=model_dirs[0])
+        tokenizer.save_pretrained(str(newcomer))
+        OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(newcomer)}, force_add=True)
+        with pytest.raises(TeamConfigError, match=expected):
+            validate_teamtr_config(config)
     OmegaConf.update(config, "teamtr.replace.model", str(same_tokenizer))
-    with pytest.raises(TeamConfigError, match=r"^teamtr.replace.method=aligned runs the incoming model beside the team "
-                                              r"until it is aligned: teamtr.placement='split' needs 3 devices \(alice: 1, "
-                                              r"bob: 1, bob-incoming: 1\) but trainer.n_gpus_per_node \* trainer.nnodes = 2"):
+    with pytest.raises(TeamConfigError, match=devices):
         validate_teamtr_config(config)
     OmegaConf.update(config, "trainer.n_gpus_per_node", 3)
     OmegaConf.update(config, "ray_kwargs.ray_init.num_cpus", 64)

@@ -90,6 +90,13 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bob_v2(model_dirs):
+    """Another model with bob's tokenizer: the newcomer of an aligned swap distilled token by token (top-k)."""
+    return build_tiny_model(model_dirs[1].parent / "bob_v2", seed=5, hidden_size=64, vocab_size=300,
+                            tokenizer_dir=model_dirs[1].parent / "bob_tokenizer")
+
+
+@pytest.fixture(scope="module")
 def base_configs(model_dirs):
     """The real teamtr_tiny_cpu config, composed once per team size (2 and 3 agents), one device per agent."""
     configs = {}
@@ -1141,10 +1148,10 @@ def k3_message(shift):
     return TOKENS * (math.exp(-shift / TOKENS) - 1 + shift / TOKENS)
 
 
-def aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, monitor, **replace):
+def aligned_swap_trainer(make_trainer, base_configs, newcomer, tmp_path, log, monitor, **replace):
     config = team_config(base_configs, 2)
     OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path))
-    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(model_dirs[2]), **replace},
+    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(newcomer), **replace},
                      force_add=True)
     trainer = make_trainer(config, log, Script(monitor={"bob-new": monitor}), global_steps=4)
     trainer.state.stages_done = 3
@@ -1157,7 +1164,7 @@ def aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, 
 
 
 def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agents_place(
-        make_trainer, base_configs, model_dirs, tmp_path):
+        make_trainer, base_configs, bob_v2, tmp_path):
     """Stage 0 before the stage's first update: one probe regeneration with the incumbent; the incumbent scores its
     own training and held-out messages and gives its top-k (16) on the training ones; the newcomer is distilled toward
     it at lr 1e-4, one epoch at a time (mini-batches of 4 messages), while the held-out KL (k3) is above δ₀ = δ = 0.01 (curve
@@ -1165,7 +1172,7 @@ def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agen
     the incumbent's servers sleep. Then the stage runs as usual
     with the newcomer as bob; its first regeneration pairs with the probe (the swap's gain) and reuses alice's turns."""
     log = []
-    trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, [1.0, 0.5, 0.1], topk=16,
+    trainer = aligned_swap_trainer(make_trainer, base_configs, bob_v2, tmp_path, log, [1.0, 0.5, 0.1], topk=16,
                                    mini_batch=4, lr=1e-4)
     incumbent_models, incumbent = dict(trainer.state.agent_models), trainer.stacks["bob"].worker_group
     metrics = {}
@@ -1200,10 +1207,10 @@ def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agen
     assert all(set(p) == {"0", "1"} and all(len(turns) == 1 for turns in p.values()) for p in first["prefix"])
     assert metrics["teamtr/stage0/crn_gain"] == pytest.approx(RETURN_STEP)
     state = trainer.state
-    assert state.agent_models == {**incumbent_models, "bob": str(model_dirs[2])}
+    assert state.agent_models == {**incumbent_models, "bob": str(bob_v2)}
     record = state.replacements[0]
     assert {k: record[k] for k in ("stage", "agent", "from", "to", "method", "epochs")} == {
-        "stage": 3, "agent": "bob", "from": incumbent_models["bob"], "to": str(model_dirs[2]), "method": "aligned",
+        "stage": 3, "agent": "bob", "from": incumbent_models["bob"], "to": str(bob_v2), "method": "aligned",
         "epochs": 2}
     assert record["kl_curve"] == pytest.approx(curve, rel=1e-5)
     stage0_entry = state.ledger[0]
@@ -1219,10 +1226,10 @@ def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agen
                                                                              "teamtr_state.json"]
 
 
-def test_an_aligned_swap_that_misses_delta0_is_refused_and_saves_nothing(make_trainer, base_configs, model_dirs,
+def test_an_aligned_swap_that_misses_delta0_is_refused_and_saves_nothing(make_trainer, base_configs, bob_v2,
                                                                          tmp_path):
     log = []
-    trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs, tmp_path, log, [1.0, 0.5], max_epochs=1)
+    trainer = aligned_swap_trainer(make_trainer, base_configs, bob_v2, tmp_path, log, [1.0, 0.5], max_epochs=1)
     before = copy.deepcopy(trainer.state)
     with pytest.raises(trainer_module.Stage0RefusedError,
                        match=r"teamtr.replace: agent 'bob' -> .*: not aligned within 1 steps: KL 0.0576 > delta0 0.01 "
