@@ -206,38 +206,55 @@ def read_sequences(batch: KVBatchMeta) -> dict:
     return pack_sequences(*read_rows(batch))
 
 
-def _translate(ids: list[int], source, target) -> Optional[list[int]]:
-    """``ids`` (``source``'s tokens) in ``target``'s: the same token strings by the target's ids where it has them all
-    and they decode to the same text (a permuted or extended vocabulary: the segmentation the incumbent sampled is
-    kept, and a newcomer equal to it scores the message exactly as it did); otherwise the text re-encoded (the
-    target's own segmentation), unless the tokens are not whole text (a sampled byte-level token can stop inside a
-    UTF-8 character: decoding replaces it with U+FFFD, the bytes are lost) and None is returned."""
-    text = source.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    vocab = target.get_vocab()
-    tokens = source.convert_ids_to_tokens(ids)
-    if all(token in vocab for token in tokens):
-        mapped = [vocab[token] for token in tokens]
-        if target.decode(mapped, skip_special_tokens=False, clean_up_tokenization_spaces=False) == text:
-            return mapped
-    if "\ufffd" in text:
+def _as_text(ids: list[int], source, target, sampled: bool) -> Optional[list[int]]:
+    """``ids`` decoded with ``source`` and re-encoded with ``target`` (its own segmentation), or None when that is not
+    exact: an id with no token (a padded embedding row), ``sampled`` tokens that may not be whole text (a sampled
+    byte-level token can stop inside a UTF-8 character: decoding replaces it with U+FFFD and the bytes are lost; a
+    rendered context is text by construction, its U+FFFD are characters of the transcript), or a text the target
+    does not give back (e.g. a tokenizer that adds prefix spaces)."""
+    if any(token is None for token in source.convert_ids_to_tokens(ids)):
         return None
-    return target.encode(text, add_special_tokens=False)
+    text = source.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if sampled and "\ufffd" in text:
+        return None
+    encoded = target.encode(text, add_special_tokens=False)
+    if target.decode(encoded, skip_special_tokens=False, clean_up_tokenization_spaces=False) != text:
+        return None
+    return encoded
+
+
+def _by_token_strings(ids: list[int], source, target) -> Optional[list[int]]:
+    """The same token strings by ``target``'s ids, where it has them all and they decode to the same text (a permuted
+    or extended vocabulary: the segmentation the incumbent sampled, kept); None otherwise."""
+    tokens = source.convert_ids_to_tokens(ids)
+    vocab = target.get_vocab()
+    if any(token is None or token not in vocab for token in tokens):
+        return None
+    mapped = [vocab[token] for token in tokens]
+    same = (target.decode(mapped, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            == source.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    return mapped if same else None
 
 
 def retokenize_rows(prompts: list[torch.Tensor], responses: list[torch.Tensor], source, target
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]:
-    """The same texts in ``target``'s tokens (:func:`_translate`): each prompt, and each message without its
-    end-of-message token, given ``target``'s EOS exactly when it had ``source``'s (a message cut at the length limit
-    has none). With the same chat template (checked before Ray) a prompt is what the target's own template renders
-    for that context. Returns (prompts, responses, masks) of the rows that translate exactly, and their indices."""
+    """The probe's rows in ``target``'s tokens. A context is text the incumbent's template rendered: re-encoded, it
+    is what the target's own template renders for it (same template, checked before Ray). A message is the
+    incumbent's sample: token string by token string where the target has them all (the sampled segmentation,
+    which a sampled message need not share with the text's canonical one), else its text re-encoded; it keeps its
+    end exactly when it had ``source``'s EOS (a message cut at the length limit has none), as ``target``'s EOS. Rows
+    that translate exactly in neither way are left out. Returns (prompts, responses, masks) and the kept indices."""
     if target.eos_token_id is None:
         raise ValueError(f"the target tokenizer ({type(target).__name__}) has no EOS token: a message could not end")
     out_prompts, out_responses, kept = [], [], []
     for index, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         ids = response.tolist()
         ended = bool(ids) and ids[-1] == source.eos_token_id
-        context, message = _translate(prompt.tolist(), source, target), _translate(ids[:-1] if ended else ids,
-                                                                                   source, target)
+        body = ids[:-1] if ended else ids
+        context = _as_text(prompt.tolist(), source, target, sampled=False)
+        message = _by_token_strings(body, source, target)
+        if message is None:
+            message = _as_text(body, source, target, sampled=True)
         if context is None or message is None:
             continue
         out_prompts.append(torch.tensor(context, dtype=torch.long))

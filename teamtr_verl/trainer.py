@@ -497,13 +497,15 @@ class TeamTRTrainer(PPOTrainer):
         """KL(π_incumbent ‖ π_new) per message on the held-out probe messages (Eq. 11), with the k3 estimator: each
         term is >= 0, so a noisy probe cannot pass δ₀ on a negative estimate (k1 can go below 0).
 
-        Across tokenizers (``reference``: the incumbent's log π(message | context), ``monitor`` the re-tokenized
-        messages) there are no per-token ratios: the message-level k1 estimate, floored at 0 (a KL is >= 0; the
-        estimate errs upward, :func:`teamtr_verl.algos.message_kl`)."""
+        Across tokenizers (``reference``: the incumbent's log π(message | context), ``monitor`` the translated
+        messages) there are no per-token ratios: the message-level k1 estimate (:func:`teamtr_verl.algos.message_kl`)
+        plus two standard errors, floored at 0. k1 can go below 0 on a small probe; its upper end cannot pass δ₀ on
+        noise alone."""
         if reference is not None:
             new = self.actor_rollout_wg.stage0_message_logp(monitor, self.config.actor_rollout_ref.rollout.temperature,
                                                             self._micro_rows(self.team.replace))[0]
-            return max(0.0, algos.message_kl(reference, new)[0])
+            estimate, se = algos.message_kl(reference, new)
+            return max(0.0, estimate + 2.0 * se)
         logps = self._fresh_log_probs(monitor)
         return float(algos.token_kl_monitor(logps["old"], logps["new"], logps["mask"], estimator="k3"))
 

@@ -17,6 +17,7 @@ from teamtr_verl import checkpoints
 from teamtr_verl.config import TeamConfig, TeamConfigError, validate_placement
 from teamtr_verl.defaults import AGENT_LOOP_MANAGER, RESUME_MODES, TRAINER_MODE
 from teamtr_verl.defaults import AGENT_LOOP_NAME as AGENT_LOOP
+from teamtr_verl.team_logic import same_vocabulary
 from teamtr_verl.topology import agent_trainer_config, stacks_team
 
 DATA_FILE_KEYS = ("data.train_files", "data.val_files")
@@ -118,7 +119,7 @@ def validate_resume(config: DictConfig, team: TeamConfig) -> bool:
         raise TeamConfigError(str(error)) from None
     stage0 = pending and team.replace.method == "aligned"
     if stage0:
-        validate_stage0_tokenizer(team)
+        validate_stage0_tokenizer(config, team)
         validate_stage0_model_path(config, team)
     return stage0
 
@@ -144,13 +145,18 @@ def validate_stage0_model_path(config: DictConfig, team: TeamConfig) -> None:
                                   "use method=direct")
 
 
-def validate_stage0_tokenizer(team: TeamConfig) -> None:
+def validate_stage0_tokenizer(config: DictConfig, team: TeamConfig) -> None:
     """A Stage-0 aligned swap trains the newcomer on the incumbent's contexts and messages, re-tokenized where the
     vocabularies differ: the newcomer must end a message (an EOS token) and render those contexts alike."""
     from transformers import AutoTokenizer
 
     swap = team.replace
     incumbent, incoming = (AutoTokenizer.from_pretrained(path) for path in (swap.incumbent, swap.model))
+    if not same_vocabulary(incumbent, incoming) and config.trainer.get("val_before_train", True):
+        raise TeamConfigError(
+            f"trainer.val_before_train=True cannot be used with teamtr.replace.model={swap.model!r}, whose tokenizer "
+            "is not the incumbent's: the validation before training runs before Stage 0, while the incumbent's servers "
+            "still answer the agent's turns; set trainer.val_before_train=false for the swap's run")
     if incoming.eos_token_id is None:
         raise TeamConfigError(f"teamtr.replace.model={swap.model!r}: its tokenizer has no EOS token, so Stage 0 "
                               "cannot end the incumbent's messages in its tokens; give it one, or use method=direct")

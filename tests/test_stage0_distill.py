@@ -177,8 +177,8 @@ def text_rows(tokenizer, cut_last: bool = True):
 
 def test_retokenized_rows_are_the_same_texts_in_the_targets_tokens(tiny_team):
     """alice's and bob's tokenizers were trained on different text: each of bob's rows is the same text in alice's
-    tokens, by token strings where alice has them all (bob's segmentation kept), else in alice's own rendering of
-    the chat and encoding of the message; a message keeps its end exactly when it had one."""
+    tokens: the context as her own template renders the chat; the message by token strings where she has them all
+    (bob's sampled segmentation kept), else her encoding of its text; it keeps its end exactly when it had one."""
     from transformers import AutoTokenizer
 
     source, target = (AutoTokenizer.from_pretrained(path) for path in (tiny_team[1], tiny_team[0]))
@@ -194,8 +194,7 @@ def test_retokenized_rows_are_the_same_texts_in_the_targets_tokens(tiny_team):
     for i, (question, reply) in enumerate(TEXTS):
         chat = [{"role": "system", "content": "you are bob"}, {"role": "user", "content": question}]
         own = list(target.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
-        mapped = by_strings(prompts[i].tolist())
-        assert new_prompts[i].tolist() == (mapped if mapped is not None else own)
+        assert new_prompts[i].tolist() == own  # a context is text: the target's own rendering
         ended = i < len(TEXTS) - 1
         message = source.encode(reply, add_special_tokens=False)
         mapped_message = by_strings(message)
@@ -218,24 +217,28 @@ def test_retokenized_rows_are_the_same_texts_in_the_targets_tokens(tiny_team):
 def test_a_message_that_is_not_whole_text_keeps_its_bytes_or_is_left_out(tiny_team):
     """A sampled byte-level token can stop inside a UTF-8 character ('Ã' is the byte 0xC3 alone, the start of a
     two-byte character): decoding turns it into U+FFFD and loses the byte. Such a message is carried over token string
-    by token string where the target has every one of them (the same bytes), and left out where it has not."""
+    by token string where the target has every one of them (the same bytes), and left out where it has not; so is
+    a message with an id past the tokenizer (a padded embedding row), which has no text at all."""
     from transformers import AutoTokenizer
 
     source, target = (AutoTokenizer.from_pretrained(path) for path in (tiny_team[1], tiny_team[0]))
     source_vocab, target_vocab = source.get_vocab(), target.get_vocab()
     lone_byte = "Ã"  # byte-level BPE's character for the byte 0xC3: in every byte-level vocabulary
     only_source = next(token for token in sorted(source_vocab) if token not in target_vocab and len(token) > 1)
-    prompt = torch.tensor(source.encode("think", add_special_tokens=False))
+    # a rendered context holding a U+FFFD character (a transcript decoded with replacement): text all the same
+    prompt = torch.tensor(source.encode("think \ufffd", add_special_tokens=False))
     eos = source.eos_token_id
     responses = [torch.tensor(source.encode("#### 99", add_special_tokens=False) + [eos]),
                  torch.tensor([source_vocab[lone_byte], source_vocab[only_source], eos]),
-                 torch.tensor([source_vocab[lone_byte], source_vocab["a"], eos])]
+                 torch.tensor([source_vocab[lone_byte], source_vocab["a"], eos]),
+                 torch.tensor([source_vocab["a"], len(source) + 5, eos])]  # an id in the embedding's padding rows
     assert "\ufffd" in source.decode(responses[2].tolist())  # the lost byte
-    new_prompts, new_responses, _, kept = retokenize_rows([prompt] * 3, responses, source, target)
-    assert kept == [0, 2]  # the second one's merged token does not exist in the target's vocabulary
+    new_prompts, new_responses, _, kept = retokenize_rows([prompt] * 4, responses, source, target)
+    # the second one's merged token does not exist in the target's vocabulary; the fourth has an id with no token
+    assert kept == [0, 2]
     assert new_responses[0].tolist() == target.encode("#### 99", add_special_tokens=False) + [target.eos_token_id]
     assert new_responses[1].tolist() == [target_vocab[lone_byte], target_vocab["a"], target.eos_token_id]
-    assert new_prompts[1].tolist() == target.encode("think", add_special_tokens=False)
+    assert new_prompts[1].tolist() == target.encode("think \ufffd", add_special_tokens=False)
 
 
 def test_message_logp_is_the_sum_of_each_rows_own_token_log_probs(tiny_team, probe):

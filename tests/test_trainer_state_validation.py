@@ -630,8 +630,17 @@ def test_an_aligned_swap_is_checked_before_ray(good_config, model_dirs, tmp_path
 
     other_vocabulary = AutoTokenizer.from_pretrained(model_dirs[0])  # alice's: another vocabulary, same template
     assert other_vocabulary.get_vocab() != AutoTokenizer.from_pretrained(model_dirs[1]).get_vocab()
+    OmegaConf.update(config, "trainer.val_before_train", True)
+    other = tmp_path / "bob_other_vocabulary"
+    build_tiny_model(other, seed=6, hidden_size=64, vocab_size=300, num_layers=1, tokenizer_dir=model_dirs[0])
+    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(other)}, force_add=True)
+    # validating before training would run before Stage 0, the incumbent's servers answering bob's turns
+    with pytest.raises(TeamConfigError, match=r"^trainer.val_before_train=True cannot be used with teamtr.replace."
+                                              r"model='.*', whose tokenizer is not the incumbent's"):
+        validate_teamtr_config(config)
+    OmegaConf.update(config, "trainer.val_before_train", False)
     for tokenizer, expected in (
-            (other_vocabulary, devices),  # Stage 0 re-tokenizes: past the tokenizer check, to the next one
+            (other_vocabulary, devices),  # Stage 0 re-tokenizes: past the tokenizer checks, to the next one
             (_with(other_vocabulary, chat_template="{{ messages[0]['content'] }}"),
              r"^teamtr.replace.model='.*' has another chat template than the incumbent"),
             (_with(other_vocabulary, eos_token=None), r"^teamtr.replace.model='.*': its tokenizer has no EOS token")):
@@ -642,6 +651,7 @@ def test_an_aligned_swap_is_checked_before_ray(good_config, model_dirs, tmp_path
         with pytest.raises(TeamConfigError, match=expected):
             validate_teamtr_config(config)
     OmegaConf.update(config, "teamtr.replace.model", str(same_tokenizer))
+    OmegaConf.update(config, "trainer.val_before_train", True)  # the same tokenizer: validation sees the same ids
     with pytest.raises(TeamConfigError, match=devices):
         validate_teamtr_config(config)
     OmegaConf.update(config, "trainer.n_gpus_per_node", 3)

@@ -154,10 +154,20 @@ class FakeWorkerGroup:
         return [{"teacher": self.name, "vocab_limit": vocab_limit}]  # one result per rank (ONE_TO_ALL)
 
     def stage0_distill_epoch(self, sequences, teacher, temperature, mini_rows, micro_rows, lr):
-        self.log.append(("distill", self.name, teacher["teacher"], mini_rows, lr))
+        self.log.append(("distill", self.name, teacher.get("teacher", "likelihood"), mini_rows, lr))
         self.distill_args = (temperature, micro_rows)
-        self.distilled = sequences["keys"]
+        self.distilled = sequences["keys"] if "keys" in sequences else (sequences, teacher)
         return [{"loss": 0.25, "grad_norm": 1.0, "steps": 1}]
+
+    def stage0_message_logp(self, sequences, temperature, micro_rows):
+        """log π(message) of each packed row: −1 for the incumbent; the newcomer's is lower by its next scripted
+        shift (``message_shifts``), so the message-level k1 KL is that shift exactly (standard error 0)."""
+        rows = len(sequences["input_ids"])
+        self.log.append(("message_logp", self.name, rows))
+        self.message_args = (temperature, micro_rows)
+        self.scored_sequences = sequences
+        shift = self.message_shifts.popleft() if getattr(self, "message_shifts", None) else 0.0
+        return [torch.full((rows,), -1.0 - shift, dtype=torch.float64)]
 
     def set_loss_fn(self, loss_fn):
         assert loss_fn.func is ppo_loss
@@ -1224,6 +1234,72 @@ def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agen
     assert [e[:2] for e in log if e[0] == "save"] == [("save", "alice"), ("save", "bob-new")]
     assert sorted(p.name for p in (tmp_path / "global_step_4").iterdir()) == ["alice", "bob", "data.pt",
                                                                              "teamtr_state.json"]
+
+
+def test_an_aligned_swap_across_tokenizers_trains_on_the_translated_messages_likelihood(
+        make_trainer, base_configs, model_dirs, tmp_path, monkeypatch):
+    """carol's tokenizer is another vocabulary (and ends turns with id 0, bob's with 300): Stage 0 reads bob's probe
+    rows, translates them into carol's tokens, scores the held-out ones with the incumbent (log π = −1 each) and the
+    newcomer (lower by 0.5, then 0.2, then 0.004: the k1 KL, standard error 0), and distils on the training ones'
+    likelihood until 0.004 <= δ₀ = 0.01; then the swap as with a shared vocabulary."""
+    from collections import deque
+
+    from transformers import AutoTokenizer
+
+    bob_tokenizer, carol_tokenizer = (AutoTokenizer.from_pretrained(model_dirs[i]) for i in (1, 2))
+    texts = {}
+
+    def read_rows(batch):  # bob's rows as his agent loop wrote them: his rendering, his message + his EOS
+        prompts, responses = [], []
+        for key in batch.keys:
+            texts[key] = f"#### {len(texts)}"
+            chat = [{"role": "user", "content": f"probe {key}"}]
+            prompts.append(torch.tensor(list(bob_tokenizer.apply_chat_template(
+                chat, add_generation_prompt=True, tokenize=True, return_dict=False))))
+            responses.append(torch.tensor(bob_tokenizer.encode(texts[key], add_special_tokens=False)
+                                          + [bob_tokenizer.eos_token_id]))
+        return prompts, responses, [torch.ones(len(r)) for r in responses]
+
+    monkeypatch.setattr(trainer_module, "read_rows", read_rows)
+    log = []
+    trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs[2], tmp_path, log, [])
+    incumbent, newcomer = trainer.stacks["bob"].worker_group, trainer._incoming.worker_group
+    newcomer.message_shifts = deque([0.5, 0.2, 0.004])
+    metrics = {}
+    trainer.step(metrics, {})
+    held = heldout_prompts(PROMPTS, 0.25, 4, 0)
+    train_rows, held_rows = (PROMPTS - len(held)) * SESSIONS, len(held) * SESSIONS
+    config = trainer.stacks["bob"].config.actor_rollout_ref
+    distill = ("distill", "bob-new", "likelihood", 8, None)
+    stage0 = REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2 + [
+        ("sleep", "bob"), ("message_logp", "bob", held_rows), ("sleep", "bob-new"),
+        ("message_logp", "bob-new", held_rows), distill, ("message_logp", "bob-new", held_rows), distill,
+        ("message_logp", "bob-new", held_rows), ("reset_optimizer", "bob-new"), ("sync", "bob-new"),
+        ("route", "bob", "bob-new")]
+    assert log == stage0 + REGEN + agent_block("alice") + REGEN + agent_block("bob-new") + REGEN
+    assert ("teacher_topk", "bob", 64) not in log  # no top-k across vocabularies
+    assert incumbent.message_args == newcomer.message_args == (config.rollout.temperature,
+                                                               config.actor.ppo_micro_batch_size_per_gpu)
+    assert (metrics["teamtr/stage0/kl_initial"], metrics["teamtr/stage0/kl"], metrics["teamtr/stage0/epochs"]) == (
+        pytest.approx(0.5), pytest.approx(0.004), 2)
+    assert metrics["teamtr/stage0/retokenized"] == 1.0 and metrics["teamtr/stage0/untranslated_messages"] == 0
+    # what the newcomer trained on: bob's training messages in carol's tokens, each ended by carol's EOS (id 0)
+    sequences, teacher = newcomer.distilled
+    length = sequences["response_mask"].shape[1]
+    responses = sequences["input_ids"][:, -length:]
+    assert len(responses) == train_rows
+    decoded = sorted(carol_tokenizer.decode(row[mask > 0].tolist()) for row, mask in
+                     zip(responses, sequences["response_mask"]))
+    assert carol_tokenizer.eos_token_id == 0 != bob_tokenizer.eos_token_id
+    assert all(text.endswith(carol_tokenizer.eos_token) for text in decoded)
+    assert teacher["ids"][..., 0].long().tolist() == responses.tolist()  # the likelihood of its own tokens
+    assert float(teacher["log_probs"].abs().sum()) == 0.0
+    # the held-out ones, scored by the newcomer, are the same texts
+    scored = newcomer.scored_sequences
+    held_texts = sorted(carol_tokenizer.decode(row[mask > 0].tolist(), skip_special_tokens=True) for row, mask in
+                        zip(scored["input_ids"][:, -scored["response_mask"].shape[1]:], scored["response_mask"]))
+    train_texts = sorted(text[:-len(carol_tokenizer.eos_token)] for text in decoded)
+    assert sorted(held_texts + train_texts) == sorted(texts.values())
 
 
 def test_an_aligned_swap_that_misses_delta0_is_refused_and_saves_nothing(make_trainer, base_configs, bob_v2,

@@ -178,9 +178,9 @@ def message_kl(incumbent_logp: torch.Tensor, new_logp: torch.Tensor) -> tuple[fl
     Each message m was sampled by the incumbent; ``incumbent_logp`` is log π_inc(m|s) summed over the incumbent's
     tokens (its end-of-message token included), ``new_logp`` log π_new(m|s) summed over the newcomer's tokens of the
     same text, its own end-of-message token included. The mean of the differences is unbiased for the message-level
-    KL (Eq. 11 with the k1 estimator) when both are the texts' probabilities; across tokenizers ``new_logp`` is
-    scored on one tokenization of the text, which ignores the others the newcomer could have produced, so it is a
-    lower bound on the text's log-probability and the estimate errs upward (conservative for a δ₀ check). A monitor
+    KL (Eq. 11 with the k1 estimator) when both are the texts' probabilities. Across tokenizers each side is the
+    probability of one segmentation of the text, a lower bound on the text's: the bias has no fixed sign (it
+    depends on which model's segmentation is the likelier), and the trainer adds two standard errors. A monitor
     (floats, no gradient): the loss that moves the newcomer toward the incumbent is −mean(new_logp).
 
     Args:
