@@ -223,11 +223,11 @@ def _as_text(ids: list[int], source, target, sampled: bool) -> Optional[list[int
     return encoded
 
 
-def _by_token_strings(ids: list[int], source, target) -> Optional[list[int]]:
-    """The same token strings by ``target``'s ids, where it has them all and they decode to the same text (a permuted
-    or extended vocabulary: the segmentation the incumbent sampled, kept); None otherwise."""
+def _by_token_strings(ids: list[int], source, target, vocab: dict[str, int]) -> Optional[list[int]]:
+    """The same token strings by ``target``'s ids (``vocab``, its ``get_vocab()``), where it has them all and they
+    decode to the same text (a permuted or extended vocabulary: the segmentation the incumbent sampled, kept); None
+    otherwise."""
     tokens = source.convert_ids_to_tokens(ids)
-    vocab = target.get_vocab()
     if any(token is None or token not in vocab for token in tokens):
         return None
     mapped = [vocab[token] for token in tokens]
@@ -247,12 +247,13 @@ def retokenize_rows(prompts: list[torch.Tensor], responses: list[torch.Tensor], 
     if target.eos_token_id is None:
         raise ValueError(f"the target tokenizer ({type(target).__name__}) has no EOS token: a message could not end")
     out_prompts, out_responses, kept = [], [], []
+    vocab = target.get_vocab()  # built anew by every call: once per batch, not per message
     for index, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         ids = response.tolist()
         ended = bool(ids) and ids[-1] == source.eos_token_id
         body = ids[:-1] if ended else ids
         context = _as_text(prompt.tolist(), source, target, sampled=False)
-        message = _by_token_strings(body, source, target)
+        message = _by_token_strings(body, source, target, vocab)
         if message is None:
             message = _as_text(body, source, target, sampled=True)
         if context is None or message is None:
@@ -263,10 +264,14 @@ def retokenize_rows(prompts: list[torch.Tensor], responses: list[torch.Tensor], 
     return out_prompts, out_responses, [torch.ones(len(r)) for r in out_responses], kept
 
 
+def packed_responses(sequences: dict) -> torch.Tensor:
+    """The response ids of a :func:`pack_sequences` batch: its last R columns, (rows, R) (padding where masked)."""
+    return sequences["input_ids"][:, sequences["input_ids"].shape[1] - sequences["response_mask"].shape[1]:]
+
+
 def likelihood_teacher(sequences: dict) -> dict:
     """The teacher of a Stage 0 across tokenizers, in :meth:`TeamActorRolloutRefWorker.stage0_teacher_topk`'s form:
     at each response position the message's own (re-tokenized) token with log-probability 0. With it the top-k
     forward KL is the newcomer's negative log-likelihood of the incumbent's messages (k = 1, nothing outside it)."""
-    length = sequences["response_mask"].shape[1]
-    ids = sequences["input_ids"][:, sequences["input_ids"].shape[1] - length:, None]
+    ids = packed_responses(sequences)[..., None]
     return {"log_probs": torch.zeros(ids.shape), "ids": ids.int()}

@@ -190,12 +190,14 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
     def stage0_message_logp(self, sequences: dict, temperature: float, micro_rows: int) -> torch.Tensor:
         """log π(message | context) of every row: the sum of its response tokens' log-probabilities at
         ``temperature`` (the cross-tokenizer monitor scores each model in its own tokens): (rows,) float64."""
+        from teamtr_verl.rollout_batch import packed_responses
+
         sums, mask = [], sequences["response_mask"]
         with self.actor.engine.eval_mode(), torch.no_grad():
             for start in range(0, len(mask), micro_rows):
                 part = slice(start, start + micro_rows)
                 logits = self._response_logits(sequences, part, temperature)
-                ids = sequences["input_ids"][part, -mask.shape[1]:].to(logits.device)
+                ids = packed_responses(sequences)[part].to(logits.device)
                 token = torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None].long())[..., 0]
                 real = mask[part].to(token.device) > 0
                 sums.append(torch.where(real, token, torch.zeros_like(token)).double().sum(-1).cpu())

@@ -204,8 +204,9 @@ def test_a_stage0_probe_lets_the_incumbent_speak_in_its_own_tokens_then_the_newc
                    "bob": ScriptedServer("bob", speaker_model, "#### 7")}
         outputs = run_episode(config, servers, **ROW, **({PROBE_FIELD: True} if probe else {}))
         assert [o.extra_fields[MODEL_FIELD] for o in outputs] == [str(alice), str(speaker_model)]
-        assert servers["bob"].tokenizer.decode(outputs[-1].prompt_ids).startswith("<|im_start|>system\nYou are bob.")
-        assert outputs[-1].prompt_ids == servers["bob"].prompts[0]
+        assert servers["bob"].tokenizer.decode(outputs[-1].prompt_ids) == (
+            "<|im_start|>system\nYou are bob.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?\n\nConversation so far:\n"
+            "alice: msg 7<|im_end|>\n<|im_start|>assistant\n")  # rendered in the tokens of the model that spoke
         assert outputs[-1].extra_fields[TRANSCRIPT_FIELD][-1]["content"] == "#### 7"
         asyncio.run(make_worker(config, score)._compute_score(outputs, kwargs=dict(row)))
         assert seen[-1] == "#### 7"
