@@ -1,14 +1,16 @@
 """Plug-and-play replacement on the relay task (issue 13, item 5): swap bob for another model three ways.
 
-    python benchmarks/swap_demo.py [--stages 4] [--after 3] [--arms none direct aligned] [--tokenizer team|own]
-                                   [--out .demo/swap]
+    python benchmarks/swap_demo.py [--stages 4] [--after 3] [--arms none direct aligned mixture]
+                                   [--tokenizer team|own] [--out .demo/swap]
 
 A two-agent relay team (the demo's, ``teamtr_relay_cpu``, 24 prompts per stage so 3 devices divide the episodes)
-trains ``--stages`` stages with TeamTR. From that checkpoint, three continuations of ``--after`` stages each:
+trains ``--stages`` stages with TeamTR. From that checkpoint, continuations of ``--after`` stages each:
 
 * ``none``: the same team goes on (the control);
 * ``direct``: bob's model is swapped for the newcomer as is (``teamtr.replace`` method=direct);
-* ``aligned``: the same newcomer, after Stage 0 (method=aligned, defaults: δ₀ = bob's δ, top-k 64, 20 epochs).
+* ``aligned``: the same newcomer, after Stage 0 (method=aligned, defaults: δ₀ = bob's δ, top-k 64, 20 epochs);
+* ``mixture``: the same, distilled toward the geometric mixture of newcomer and incumbent (target=mixture; needs
+  the team's tokenizer).
 
 The newcomer is another size (hidden 192, 3 heads instead of 128, 2), another init (seed 7) and warm-started on the
 relay task like the team's agents were before their TeamTR stages, with the team's tokenizer or (``--tokenizer own``)
@@ -65,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--after", type=int, default=3)
-    parser.add_argument("--arms", nargs="+", choices=("none", "direct", "aligned"),
+    parser.add_argument("--arms", nargs="+", choices=("none", "direct", "aligned", "mixture"),
                         default=["none", "direct", "aligned"])
     parser.add_argument("--tokenizer", choices=("team", "own"), default="team",
                         help="the newcomer's tokenizer: the team's, or its own (another vocabulary)")
@@ -84,8 +86,10 @@ def main() -> None:
     if result.returncode != 0:
         raise SystemExit(f"the base run failed: see {out / 'base'}")
     arms = {"none": [], "direct": [f"teamtr.replace={{agent: bob, model: '{newcomer}', method: direct}}"],
-            "aligned": [f"teamtr.replace={{agent: bob, model: '{newcomer}'}}", "trainer.n_gpus_per_node=3"]}
-    arms = {arm: extra for arm, extra in arms.items() if arm in args.arms}
+            "aligned": [f"teamtr.replace={{agent: bob, model: '{newcomer}'}}", "trainer.n_gpus_per_node=3"],
+            "mixture": [f"teamtr.replace={{agent: bob, model: '{newcomer}', target: mixture}}",
+                        "trainer.n_gpus_per_node=3"]}
+    arms = {arm: arms[arm] for arm in dict.fromkeys(args.arms)}  # run (and print) in the order given
     rows, logs = {}, {}
     for arm, extra in arms.items():
         work = out / arm
@@ -97,7 +101,7 @@ def main() -> None:
         if result.returncode != 0 and not REFUSED.search(logs[arm]):
             raise SystemExit(f"{arm}: the run failed: see {work}")
     after = list(range(args.stages + 1, args.stages + args.after + 1))
-    lines = [*header_lines("Replacing bob on the relay task: none / direct / aligned"),
+    lines = [*header_lines("Replacing bob on the relay task: " + " / ".join(arms)),
              f"- relay team (teamtr_relay_cpu, 24 prompts x n=8 per stage), {args.stages} TeamTR stages, then "
              f"{args.after} more per arm; newcomer: hidden 192 (bob: 128), seed 7, relay warm start, "
              + ("the team's tokenizer" if args.tokenizer == "team" else "its own tokenizer (vocabulary 384, the "
@@ -109,7 +113,7 @@ def main() -> None:
     for arm in arms:
         cells = [f"{rows[arm][s]['teamtr/stage/return_mean']:.3f}" if s in rows[arm] else "-" for s in after]
         stage0 = ""
-        if arm == "aligned":
+        if arm in ("aligned", "mixture"):
             aligned, refused = CURVE.search(logs[arm]), REFUSED.search(logs[arm])
             first = rows[arm].get(after[0], {})
             if aligned:
@@ -117,7 +121,9 @@ def main() -> None:
                           f"return with the incumbent (probe) {first.get('teamtr/stage0/return_incumbent', float('nan')):.3f}, "
                           f"swap's paired gain {first.get('teamtr/stage0/crn_gain', float('nan')):+.3f} "
                           f"± {first.get('teamtr/stage0/crn_gain_se', float('nan')):.3f}, "
-                          f"{first.get('teamtr/stage0/seconds', float('nan')):.0f} s"
+                          f"{first.get('teamtr/stage0/seconds', float('nan')):.0f} s, incumbent released "
+                          f"({first.get('teamtr/stage0/released_gib', float('nan')):.2f} GiB)"
+                          + (f", mean t {first['teamtr/stage0/mixture_t']:.3f}" if arm == "mixture" else "")
                           + (f", re-tokenized ({first.get('teamtr/stage0/untranslated_messages', 0):.0f} messages "
                              "left out)" if first.get("teamtr/stage0/retokenized") else ""))
             elif refused:

@@ -24,8 +24,8 @@ Shape (YAML)::
       beta_init: 0.1          # default initial β > 0
       replace: null           # on resume: {agent: NAME, model: /new/dir, method: aligned | direct, delta0: null,
                               # max_epochs: 20, heldout_fraction: 0.25, topk: 64, mini_batch: 8, lr: null,
-                              # chat_template: null, chat_template_kwargs: null}: swap that agent's model (aligned:
-                              # Stage 0 first), keep the rest of the team
+                              # target: incumbent | mixture, chat_template: null, chat_template_kwargs: null}: swap
+                              # that agent's model (aligned: Stage 0 first), keep the rest of the team
 
 :meth:`TeamConfig.from_config` raises :class:`TeamConfigError` on the first problem, with a message that names the
 dotted key, the offending value and what would be valid. The known keys of each level are the fields of its
@@ -95,6 +95,10 @@ _AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
 # How teamtr.replace brings the incoming model in: `aligned` first distils it into the incumbent's KL ball on the
 # team's own contexts (Stage 0, paper Prop. 3.8); `direct` loads it as is (the paper's direct swap).
 REPLACE_METHODS = ("aligned", "direct")
+# What Stage 0 distils the newcomer toward (shared vocabulary): the incumbent itself, or per position the geometric
+# mixture π_t ∝ π_new^(1−t)·π_inc^t closest to the newcomer within the KL budget (keep as much of the newcomer as δ₀
+# allows; paper App. D / SAT).
+REPLACE_TARGETS = ("incumbent", "mixture")
 # During an aligned swap the incoming model has its own stack beside the incumbent's, named <agent><suffix>.
 INCOMING_SUFFIX = "-incoming"
 
@@ -216,6 +220,9 @@ class ReplaceSpec:
     topk: int = 64
     mini_batch: int = 8
     lr: Optional[float] = None
+    # the distillation's target (REPLACE_TARGETS); "mixture" spends half of δ₀, split over a message's tokens, per
+    # position (the other half is left for the fit), and needs the incumbent's vocabulary
+    target: str = "incumbent"
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict] = field(default=None, hash=False)
     incumbent_agent: Optional[AgentSpec] = field(default=None, compare=False)  # the agent as configured (incumbent)
@@ -490,8 +497,11 @@ def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: b
         raise _fail(f"{key}.heldout_fraction", heldout, "must be a number in (0, 1): the alignment is measured on "
                                                        "held-out probe prompts and trained on the others")
     template = entry.get("chat_template")
+    target = entry.get("target", ReplaceSpec.target)
+    if target not in REPLACE_TARGETS:
+        raise _fail(f"{key}.target", target, f"is not valid: choose one of {', '.join(REPLACE_TARGETS)}")
     if method == "direct":  # keys only Stage 0 reads would be silently ignored
-        for unused in ("delta0", "max_epochs", "heldout_fraction", "topk", "mini_batch", "lr"):
+        for unused in ("delta0", "max_epochs", "heldout_fraction", "topk", "mini_batch", "lr", "target"):
             if entry.get(unused) is not None:
                 raise _fail(f"{key}.{unused}", entry[unused], "does nothing with method=direct (no Stage 0): remove "
                                                               "it, or use method=aligned")
@@ -515,7 +525,7 @@ def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: b
         heldout_fraction=float(heldout),
         topk=_integer(entry.get("topk", ReplaceSpec.topk), f"{key}.topk", minimum=1),
         mini_batch=_integer(entry.get("mini_batch", ReplaceSpec.mini_batch), f"{key}.mini_batch", minimum=1),
-        lr=None if entry.get("lr") is None else _positive(entry["lr"], f"{key}.lr"),
+        lr=None if entry.get("lr") is None else _positive(entry["lr"], f"{key}.lr"), target=target,
         chat_template=None if template is None else _string(template, f"{key}.chat_template"),
         chat_template_kwargs=(None if entry.get("chat_template_kwargs") is None else copy.deepcopy(
             _mapping(entry["chat_template_kwargs"], f"{key}.chat_template_kwargs"))),

@@ -272,3 +272,64 @@ def check_sync_isolation(stacks: dict[str, AgentStack], probe_prompt_ids: dict[s
     if restored != before:
         raise RuntimeError(f"teamtr: restoring {moved_agent!r}'s weights did not restore its servers' outputs")
     return {name: after[name] != before[name] for name in stacks}
+
+
+def stack_actors(stack: AgentStack) -> list:
+    """Every Ray actor of one agent's stack, once each: its worker group's workers and each vLLM replica's servers and
+    workers (a trained agent's replica workers are its worker group's; a frozen agent's, small checkpoint-engine
+    ones)."""
+    handles = list(stack.worker_group.workers) if stack.worker_group is not None else []
+    for replica in stack.server_manager.rollout_replicas:
+        handles += list(replica.workers) + list(replica.servers)
+    return list({handle._actor_id.hex(): handle for handle in handles}.values())
+
+
+def release_stack(stack: AgentStack, timeout_s: float = 60.0) -> dict:
+    """End one agent's stack for good: kill its Ray actors, then wait until their processes and every process they
+    started (vLLM's engine core and its workers; Ray 2.60 ends an actor's whole process tree) have exited. Returns
+    ``actors``, ``processes`` (those on this node, where they can be watched), ``gib`` (their unique memory before the
+    kill) and ``left`` (processes still running after ``timeout_s``, named in a warning: the run goes on).
+
+    Afterwards nothing may call the stack: the caller routes its turns elsewhere and stops watching its actors first.
+    """
+    import psutil
+    import ray
+    from ray._private import state  # DeveloperAPI (ray 2.x), as the watchdog's actor table
+
+    handles = stack_actors(stack)
+    ids = {handle._actor_id.hex() for handle in handles}
+    node = ray.get_runtime_context().get_node_id()
+    pids = [row["Pid"] for row in state.actors().values()
+            if row["ActorID"] in ids and row["State"] == "ALIVE" and row["Address"]["NodeID"] == node]
+    tree = _process_tree(pids)
+    gib = sum(_uss(process) for process in tree) / 2**30
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+    _, left = psutil.wait_procs(tree, timeout=timeout_s)
+    if left:
+        logger.warning("teamtr: processes %s of %s's released stack still run %.0f s after its actors were killed",
+                       [process.pid for process in left], stack.name, timeout_s)
+    return {"actors": len(handles), "processes": len(tree), "gib": gib, "left": len(left)}
+
+
+def _process_tree(pids: list[int]) -> list:
+    import psutil
+
+    tree = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for process in [root, *root.children(recursive=True)]:
+                tree[process.pid] = process
+        except psutil.NoSuchProcess:
+            continue
+    return list(tree.values())
+
+
+def _uss(process) -> int:
+    import psutil
+
+    try:
+        return process.memory_full_info().uss
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return 0

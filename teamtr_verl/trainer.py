@@ -44,7 +44,7 @@ from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
 from teamtr_verl import algos, checkpoints, patches
-from teamtr_verl.config import TeamConfig
+from teamtr_verl.config import INCOMING_SUFFIX, TeamConfig
 from teamtr_verl.defaults import PREFIX_FIELD, PROBE_FIELD, TRAINER_MODE
 from teamtr_verl.rollout_batch import (
     TeamRollout,
@@ -68,7 +68,7 @@ from teamtr_verl.team_logic import (
     router_schedule,
     same_vocabulary,
 )
-from teamtr_verl.topology import build_team_stacks, expected_server_names, stacks_team
+from teamtr_verl.topology import build_team_stacks, expected_server_names, release_stack, stacks_team
 from teamtr_verl.watchdog import AgentWatch, describe
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,6 @@ class TeamTRTrainer(PPOTrainer):
         self._swap_metrics: dict = {}  # teamtr.replace done at resume: reported with the next stage
         self._stage0 = False  # a Stage-0 aligned swap runs before the first stage's first update
         self._incoming = None  # its incoming model's stack, until the swap
-        self._retired: list = []  # the incumbent's stack after the swap (asleep; kept referenced)
 
     # ---------------------------------------------------------------------------------------------------- set-up
     def _setup(self):
@@ -403,12 +402,13 @@ class TeamTRTrainer(PPOTrainer):
         One regeneration of the stage's prompts with the incumbent in place and nobody updated is the probe: each
         message of the replaced agent with the exact context it saw (the team's own occupancy). The incumbent's actor
         scores them (π_cur of Eq. 11) and gives its top-k next-token distribution at every position of the training
-        groups' messages; the newcomer is distilled toward it (top-k forward KL(π_incumbent ‖ π_new)), one epoch at a
-        time, until the KL monitor on the held-out groups is ≤ δ₀. Across tokenizers the messages are re-tokenized
-        for the newcomer, its loss is their likelihood and the monitor the message-level KL, each model scoring the
-        texts in its own tokens. Then its weights go into its own servers, which take over
-        the agent's turns, and the swap is recorded; otherwise the run stops before anything is saved. Returns the
-        probe and {agent}: the stage's first regeneration pairs with it (the swap's paired gain)."""
+        groups' messages; the newcomer is distilled toward it (top-k forward KL(π_incumbent ‖ π_new)), or toward the
+        geometric mixture of the two within the budget (``target=mixture``), one epoch at a time, until the KL monitor
+        on the held-out groups is ≤ δ₀. Across tokenizers the messages are re-tokenized for the newcomer, its loss is
+        their likelihood and the monitor the message-level KL, each model scoring the texts in its own tokens. Then its
+        weights go into its own servers, which take over the agent's turns, the incumbent's stack is ended and the swap
+        is recorded; otherwise the run stops before anything is saved. Returns the probe and {agent}: the stage's first
+        regeneration pairs with it (the swap's paired gain)."""
         swap, name = self.team.replace, self.team.replace.agent
         delta0, start = self.team.stage0_delta(), time.perf_counter()
         print(f"teamtr: stage {stage}: Stage 0: probing the team's contexts for {name}'s incoming model", flush=True)
@@ -450,6 +450,8 @@ class TeamTRTrainer(PPOTrainer):
         self.stacks[name] = incoming
         incoming.checkpoint_manager.sleep_replicas()  # its servers' memory for its training (the sync wakes them)
         with self._agent_context(name):
+            if swap.target == "mixture":  # shared vocabulary only (checked before Ray)
+                teacher = self._mixture_teacher(sequences, teacher, delta0, temperature, metrics)
             curve = [self._stage0_kl(monitor, reference)]
             verdict = algos.alignment_verdict(curve, delta0, swap.max_epochs)
             while verdict.status == "continue":
@@ -468,7 +470,7 @@ class TeamTRTrainer(PPOTrainer):
         incoming.worker_group.reset_optimizer_state()  # its TeamTR updates start from a fresh optimizer
         self._sync(name, metrics)
         self._route_turns(incumbent, incoming)
-        self._retired.append(incumbent)  # its actors (watched as the agent's) live until the run ends
+        self._release(name, incumbent, metrics)
         self._incoming, self._stage0 = None, False
         self._saved_at.pop(name, None)
         sizes = {"probe_messages": len(probe.keys_of(name, held, heldout=False)),
@@ -487,6 +489,20 @@ class TeamTRTrainer(PPOTrainer):
                         "teamtr/stage0/retokenized": float(not shared),
                         **{f"teamtr/stage0/{key}": value for key, value in sizes.items()}})
         return probe, {name}
+
+    def _mixture_teacher(self, sequences: dict, teacher: dict, delta0: float, temperature: float,
+                         metrics: dict) -> dict:
+        """``teamtr.replace.target=mixture``: at every position the geometric mixture of the newcomer as it came and
+        the incumbent (on the incumbent's top-k plus the rest) closest to the newcomer within a per-position budget:
+        half of δ₀ over the training messages' mean token count (the monitor is a KL per message; the other half is
+        left for the fit, which never lands exactly on the target)."""
+        real = sequences["response_mask"] > 0
+        budget = delta0 / (2.0 * float(real.sum()) / len(real))
+        new = self.actor_rollout_wg.stage0_logprobs_at(sequences, teacher["ids"], temperature,
+                                                       self._micro_rows(self.team.replace))[0]
+        target = algos.topk_mixture_target(teacher["log_probs"], new, budget)
+        metrics["teamtr/stage0/mixture_t"] = float(target.t[real].mean())  # 0: the newcomer kept, 1: the incumbent
+        return {"ids": teacher["ids"], "log_probs": target.log_probs[..., :-1].float()}
 
     def _micro_rows(self, swap) -> int:
         """Rows per forward of a Stage-0 call: the bound agent's actor micro-batch (its mini-batch under dynamic
@@ -508,6 +524,16 @@ class TeamTRTrainer(PPOTrainer):
             return max(0.0, estimate + 2.0 * se)
         logps = self._fresh_log_probs(monitor)
         return float(algos.token_kl_monitor(logps["old"], logps["new"], logps["mask"], estimator="k3"))
+
+    def _release(self, name: str, incumbent, metrics: dict) -> None:
+        """After a committed swap the incumbent serves no turn and trains no more: stop watching its actors (the
+        newcomer's are the agent's now), then end them and every process they started, so that its memory (on GPUs,
+        its devices' memory) is the run's again."""
+        self.watch.hand_over(name, f"{name}{INCOMING_SUFFIX}")
+        released = release_stack(incumbent)
+        print(f"teamtr: Stage 0: released {name}'s incumbent: {released['actors']} Ray actors, "
+              f"{released['processes']} processes on this node, {released['gib']:.2f} GiB", flush=True)
+        metrics.update({f"teamtr/stage0/released_{key}": value for key, value in released.items()})
 
     @staticmethod
     def _route_turns(old, new) -> None:

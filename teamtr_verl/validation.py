@@ -157,6 +157,11 @@ def validate_stage0_tokenizer(config: DictConfig, team: TeamConfig) -> None:
             f"trainer.val_before_train=True cannot be used with teamtr.replace.model={swap.model!r}, whose tokenizer "
             "is not the incumbent's: the validation before training runs before Stage 0, while the incumbent's servers "
             "still answer the agent's turns; set trainer.val_before_train=false for the swap's run")
+    if swap.target == "mixture" and not same_vocabulary(incumbent, incoming):
+        raise TeamConfigError(
+            f"teamtr.replace.target=mixture cannot be used with teamtr.replace.model={swap.model!r}, whose tokenizer is "
+            "not the incumbent's: a geometric mixture needs both distributions over one vocabulary; use "
+            "target=incumbent")
     if incoming.eos_token_id is None:
         raise TeamConfigError(f"teamtr.replace.model={swap.model!r}: its tokenizer has no EOS token, so Stage 0 "
                               "cannot end the incumbent's messages in its tokens; give it one, or use method=direct")

@@ -102,6 +102,15 @@ class AgentWatch:
         self.pids.update({row["Name"]: row["Pid"] for row in table if row["JobID"] == self.job_id and row["Name"] in names})
         self.actors_of = {**self.actors_of, **shared}  # one assignment: the thread reads whole dicts
 
+    def hand_over(self, agent: str, incoming: str) -> list[str]:
+        """A committed swap: ``incoming``'s actors are ``agent``'s from now on, and ``agent``'s old ones are no longer
+        watched (the caller is about to end them). Returns the old ones' names."""
+        old = self.actors_of.get(agent, [])
+        actors = {owner: names for owner, names in self.actors_of.items() if owner != incoming}
+        actors[agent] = self.actors_of.get(incoming, [])
+        self.actors_of = actors  # one assignment: the thread reads whole dicts
+        return old
+
     def stop(self) -> None:
         """No more polls (after ``fit``: Ray's shutdown ends every actor, which is no death to report)."""
         self._stopped.set()

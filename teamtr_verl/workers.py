@@ -187,6 +187,19 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         return {"log_probs": torch.cat(log_probs), "ids": torch.cat(ids)}
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def stage0_logprobs_at(self, sequences: dict, ids: torch.Tensor, temperature: float,
+                           micro_rows: int) -> torch.Tensor:
+        """This model's log-probabilities of the given tokens at every response position (the newcomer's, as it came,
+        at the incumbent's top-k: the other end of the geometric-mixture target): (rows, R, k) float32."""
+        out = []
+        with self.actor.engine.eval_mode(), torch.no_grad():
+            for start in range(0, len(sequences["input_ids"]), micro_rows):
+                part = slice(start, start + micro_rows)
+                logits = self._response_logits(sequences, part, temperature)
+                out.append(torch.log_softmax(logits, dim=-1).gather(-1, ids[part].to(logits.device).long()).cpu())
+        return torch.cat(out)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage0_message_logp(self, sequences: dict, temperature: float, micro_rows: int) -> torch.Tensor:
         """log π(message | context) of every row: the sum of its response tokens' log-probabilities at
         ``temperature`` (the cross-tokenizer monitor scores each model in its own tokens): (rows,) float64."""

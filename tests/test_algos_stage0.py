@@ -12,6 +12,8 @@ from teamtr_verl.algos.stage0 import (
     message_kl,
     mixture_within,
     topk_forward_kl,
+    topk_mixture_target,
+    with_rest,
 )
 
 
@@ -62,6 +64,35 @@ def test_a_newcomer_already_within_delta0_is_kept_whole():
     new, inc = logits(0.5, 0.5), logits(0.52, 0.48)  # KL(inc || new) = 0.0008
     target = mixture_within(new, inc, delta0=0.01)
     assert target.t.item() == 0.0 and target.log_probs.exp().tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_with_rest_appends_the_mass_outside_the_k_tokens():
+    # 0.5 + 0.3 on the two tokens: 0.2 outside
+    assert with_rest(logits(0.5, 0.3)).exp().tolist() == pytest.approx([0.5, 0.3, 0.2])
+    # rounding put the two at 1 or more: the rest is floored at 1e-30, never log 0
+    assert with_rest(logits(0.6, 0.4 + 1e-9))[-1].item() == pytest.approx(math.log(1e-30))
+
+
+def test_the_topk_mixture_target_keeps_the_newcomer_within_the_budget_on_k_and_the_rest():
+    """A 4-token vocabulary, the incumbent's top 2 (ids 2, 0): π_inc = [0.3, 0.05, 0.6, 0.05] -> K ∪ {rest} =
+    [0.6, 0.3, 0.1]; the newcomer π_new = [0.3, 0.25, 0.2, 0.25] -> [0.2, 0.3, 0.5]. KL(inc ‖ new) on the buckets
+    = 0.6 ln 3 + 0.3 ln 1 + 0.1 ln 0.2 = 0.659167 − 0.160944 = 0.498223."""
+    inc, new = logits(0.3, 0.05, 0.6, 0.05), logits(0.3, 0.25, 0.2, 0.25)
+    ids = torch.tensor([2, 0])
+    inc_top, new_at = inc[ids], new[ids]
+    far = topk_mixture_target(inc_top, new_at, budget=0.5)  # already within 0.5: the newcomer itself
+    assert far.t.item() == 0.0 and far.log_probs.exp().tolist() == pytest.approx([0.2, 0.3, 0.5])
+    assert far.kl.item() == pytest.approx(0.498223, abs=1e-6)
+    near = topk_mixture_target(inc_top, new_at, budget=0.05)
+    assert 0 < near.t.item() < 1 and near.kl.item() <= 0.05
+    assert near.kl.item() == pytest.approx(0.05, abs=1e-6)  # the smallest t: on the ball's edge (bisection, 2^-30)
+    # the same target as the full-vocabulary mixture of the coarse-grained distributions
+    assert torch.allclose(near.log_probs, geometric_mixture(with_rest(new_at), with_rest(inc_top), near.t))
+    # as the teacher of the top-k loss: a newcomer with the target's mass on K and on the rest has loss 0, however it
+    # splits the rest between tokens 1 and 3
+    target = near.log_probs.exp()
+    student = torch.tensor([target[1], target[2] * 0.3, target[0], target[2] * 0.7], dtype=torch.float64).log()
+    assert topk_forward_kl(near.log_probs[:2], ids, student).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_mixture_within_rejects_bad_arguments():

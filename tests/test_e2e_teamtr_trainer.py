@@ -13,7 +13,8 @@ team of two tiny agents (different sizes and tokenizers) on CPU with real Ray, F
 * a frozen agent (`train: false`) speaks through its own servers, with no actor worker, and is never updated,
   synced or saved;
 * an aligned swap (Stage 0) probes the team with the incumbent, measures the newcomer's KL on held-out probe
-  messages, and hands the agent's turns to the newcomer's servers; one that misses δ₀ is refused, saving nothing.
+  messages, hands the agent's turns to the newcomer's servers and ends the incumbent's actors; one that misses δ₀ is
+  refused, saving nothing.
 """
 
 import json
@@ -210,6 +211,10 @@ def test_an_aligned_swap_probes_the_team_then_hands_bobs_turns_to_the_newcomer(t
     for agent in ("alice", "bob"):
         assert metrics[f"teamtr/{agent}/rollout_probs_diff_max"] < 1e-3, agent
     assert "teamtr/stage0/crn_gain" in metrics  # the stage's first regeneration paired with the probe
+    # the incumbent's FSDP worker and vLLM server were ended with every process they started, before the stage
+    # trained the newcomer (the agent watch would have stopped the run had it still watched them)
+    assert metrics["teamtr/stage0/released_actors"] == 2 and metrics["teamtr/stage0/released_left"] == 0
+    assert metrics["teamtr/stage0/released_processes"] >= 2 and metrics["teamtr/stage0/released_gib"] > 0.1
     state = json.loads((workdir / "ckpt" / "global_step_2" / "teamtr_state.json").read_text())
     assert state["agent_models"]["bob"] == str(newcomer)
     record = state["replacements"][0]

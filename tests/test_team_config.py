@@ -616,8 +616,12 @@ def test_replace_shows_the_team_after_the_swap_and_keeps_the_incumbent(models):
                                                                "choose one of aligned, direct"),
     ({"agent": "solver", "model": "NEW", "incumbent": "x"}, "teamtr.replace.incumbent is not a known key: known "
                                                               "keys are agent, model, method, delta0, max_epochs, "
-                                                              "heldout_fraction, topk, mini_batch, lr, chat_template, "
-                                                              "chat_template_kwargs"),
+                                                              "heldout_fraction, topk, mini_batch, lr, target, "
+                                                              "chat_template, chat_template_kwargs"),
+    ({"agent": "solver", "model": "NEW", "target": "teacher"}, "teamtr.replace.target='teacher' is not valid: choose "
+                                                                "one of incumbent, mixture"),
+    ({"agent": "solver", "model": "NEW", "method": "direct", "target": "mixture"},
+     "teamtr.replace.target='mixture' does nothing with method=direct"),
     ({"agent": "solver", "model": "NEW", "method": "direct", "chat_template_kwargs": 3},
      "teamtr.replace.chat_template_kwargs=3 must be a mapping"),
     ({"agent": "solver", "model": "NEW", "chat_template_kwargs": {"enable_thinking": False}},
@@ -646,11 +650,12 @@ def test_aligned_replace_defaults_and_what_it_refuses(models):
     team = TeamConfig.from_config(_block(models, delta=0.02, replace={"agent": "solver", "model": models["critic"]}))
     assert (team.replace.method, team.replace.delta0, team.replace.max_epochs, team.replace.heldout_fraction) == (
         "aligned", None, 20, 0.25)
-    assert (team.replace.topk, team.replace.mini_batch, team.replace.lr) == (64, 8, None)
+    assert (team.replace.topk, team.replace.mini_batch, team.replace.lr, team.replace.target) == (
+        64, 8, None, "incumbent")
     assert team.stage0_delta() == 0.02
     given = TeamConfig.from_config(_block(models, replace={"agent": "solver", "model": models["critic"], "topk": 5,
-                                                           "mini_batch": 3, "lr": 1e-4})).replace
-    assert (given.topk, given.mini_batch, given.lr) == (5, 3, 1e-4)
+                                                           "mini_batch": 3, "lr": 1e-4, "target": "mixture"})).replace
+    assert (given.topk, given.mini_batch, given.lr, given.target) == (5, 3, 1e-4, "mixture")
     block = _block(models, replace={"agent": "solver", "model": models["critic"], "delta0": 0.5})
     block["agents"][1]["delta"] = 0.03
     assert TeamConfig.from_config(block).stage0_delta() == 0.5

@@ -1,5 +1,6 @@
 """Per-agent topology arithmetic and the pre-flight checks of the rollout CLI (no Ray)."""
 
+import json
 import subprocess
 import sys
 
@@ -135,3 +136,47 @@ def test_rollout_cli_rejects_bad_teams_before_ray_starts(model_dirs, override, e
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr
     assert "Traceback" not in result.stderr and "ray" not in result.stderr.lower().split("teamtr-verl:")[0]
+
+
+RELEASE_PROBE = r"""
+import json, os, subprocess, sys, time
+from types import SimpleNamespace
+import psutil, ray
+from teamtr_verl.topology import release_stack
+
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+class Proc:
+    '''Stands for a vLLM server: an actor process that started others (vLLM's engine core, which starts its
+    workers), one of which left the actor's session (it would outlive a kill of the actor's process group).'''
+    def start(self):
+        nested = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; "
+                  "time.sleep(600)']); time.sleep(600)")
+        self.kids = [subprocess.Popen([sys.executable, "-c", nested]),
+                     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)]
+        while len(psutil.Process(self.kids[0].pid).children()) < 1:  # the grandchild has started
+            time.sleep(0.05)
+        return [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
+
+worker, server = Proc.remote(), Proc.remote()
+pids = ray.get(worker.start.remote()) + ray.get(server.start.remote())
+replica = SimpleNamespace(workers=[worker], servers=[server])  # the worker appears twice: counted once
+stack = SimpleNamespace(worker_group=SimpleNamespace(workers=[worker]),
+                        server_manager=SimpleNamespace(rollout_replicas=[replica]))
+released = release_stack(stack, timeout_s=60)
+released["alive"] = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+ray.shutdown()
+print(json.dumps(released))
+"""
+
+
+def test_releasing_a_stack_ends_its_actors_and_every_process_they_started():
+    """A real local Ray: two actors (one listed both as a worker and a replica's worker), each with two children and
+    a grandchild; after release_stack none of the eight processes is left."""
+    result = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    released = json.loads(result.stdout.strip().splitlines()[-1])
+    assert released["alive"] == []
+    assert (released["actors"], released["processes"], released["left"]) == (2, 8, 0)
+    assert released["gib"] > 0

@@ -639,6 +639,13 @@ def test_an_aligned_swap_is_checked_before_ray(good_config, model_dirs, tmp_path
                                               r"model='.*', whose tokenizer is not the incumbent's"):
         validate_teamtr_config(config)
     OmegaConf.update(config, "trainer.val_before_train", False)
+    # a geometric mixture of two distributions needs one vocabulary
+    OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(other), "target": "mixture"},
+                     force_add=True)
+    with pytest.raises(TeamConfigError, match=r"^teamtr.replace.target=mixture cannot be used with teamtr.replace."
+                                              r"model='.*', whose tokenizer is not the incumbent's"):
+        validate_teamtr_config(config)
+    OmegaConf.update(config, "teamtr.replace.target", "incumbent")
     for tokenizer, expected in (
             (other_vocabulary, devices),  # Stage 0 re-tokenizes: past the tokenizer checks, to the next one
             (_with(other_vocabulary, chat_template="{{ messages[0]['content'] }}"),

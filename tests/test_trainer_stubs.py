@@ -57,6 +57,7 @@ from teamtr_verl.team import SEED_FIELD, agent_tokenizer
 from teamtr_verl.team_logic import heldout_prompts, prompt_seeds
 from teamtr_verl.topology import agent_trainer_config
 from teamtr_verl.trainer import NonFiniteUpdateError, TeamTRPolicyLossConfig, TeamTRTrainer
+from teamtr_verl.watchdog import AgentWatch
 
 NAMES = ("alice", "bob", "carol")
 PROMPTS, SESSIONS, TOKENS = 4, 2, 2  # 4 prompts x rollout.n=2 -> 8 team trajectories; 2 tokens per message
@@ -151,10 +152,16 @@ class FakeWorkerGroup:
     def stage0_teacher_topk(self, sequences, k, temperature, micro_rows, vocab_limit):
         self.log.append(("teacher_topk", self.name, k))
         self.scored, self.teacher_args = sequences["keys"], (temperature, micro_rows, vocab_limit)
-        return [{"teacher": self.name, "vocab_limit": vocab_limit}]  # one result per rank (ONE_TO_ALL)
+        # one result per rank (ONE_TO_ALL); scripted tensors where a test needs them
+        return [getattr(self, "topk_result", None) or {"teacher": self.name, "vocab_limit": vocab_limit}]
+
+    def stage0_logprobs_at(self, sequences, ids, temperature, micro_rows):
+        self.log.append(("logprobs_at", self.name, tuple(ids.shape)))
+        return [self.logprobs_at_result]
 
     def stage0_distill_epoch(self, sequences, teacher, temperature, mini_rows, micro_rows, lr):
-        self.log.append(("distill", self.name, teacher.get("teacher", "likelihood"), mini_rows, lr))
+        self.log.append(("distill", self.name, teacher.get("teacher", "tensors"), mini_rows, lr))
+        self.teacher = teacher
         self.distill_args = (temperature, micro_rows)
         self.distilled = sequences["keys"] if "keys" in sequences else (sequences, teacher)
         return [{"loss": 0.25, "grad_norm": 1.0, "steps": 1}]
@@ -328,7 +335,7 @@ def stub_trainer(monkeypatch, agent_configs, config, log, script=None, global_st
     trainer.balance_tokenizers = []  # (agent, tokenizer) per _balance_batch call
     trainer.rollouts = rollouts = FakeRollouts(trainer, log, script)
     trainer._saved_at, trainer._stage_data_state, trainer._stage_saved = {}, None, False  # as __init__ sets them
-    trainer._swap_metrics, trainer._stage0, trainer._incoming, trainer._retired = {}, False, None, []
+    trainer._swap_metrics, trainer._stage0, trainer._incoming = {}, False, None
 
     def bound_agent():
         return trainer.actor_rollout_wg.name  # _bind points actor_rollout_wg at the updated agent's worker group
@@ -1158,7 +1165,7 @@ def k3_message(shift):
     return TOKENS * (math.exp(-shift / TOKENS) - 1 + shift / TOKENS)
 
 
-def aligned_swap_trainer(make_trainer, base_configs, newcomer, tmp_path, log, monitor, **replace):
+def aligned_swap_trainer(make_trainer, base_configs, newcomer, tmp_path, log, monitor, monkeypatch, **replace):
     config = team_config(base_configs, 2)
     OmegaConf.update(config, "trainer.default_local_dir", str(tmp_path))
     OmegaConf.update(config, "teamtr.replace", {"agent": "bob", "model": str(newcomer), **replace},
@@ -1170,19 +1177,33 @@ def aligned_swap_trainer(make_trainer, base_configs, newcomer, tmp_path, log, mo
     trainer._incoming = FakeStack("bob-incoming", trainer.stacks["bob"].config, FakeWorkerGroup("bob-new", log),
                                   FakeCheckpointManager("bob-new", log))
     trainer._route_turns = lambda old, new: log.append(("route", old.worker_group.name, new.worker_group.name))
+    # the agent watch as _setup leaves it while the swap is pending; release_stack ends a stack's Ray actors
+    trainer.watch = AgentWatch({"alice": ["alice_w"], "bob": ["bob_w"], "bob-incoming": ["new_w"]}, job_id="j")
+
+    def release_stack(stack):
+        log.append(("release", stack.worker_group.name, dict(trainer.watch.actors_of)))
+        return {"actors": 2, "processes": 5, "gib": 1.5, "left": 0}
+
+    monkeypatch.setattr(trainer_module, "release_stack", release_stack)
     return trainer
 
 
+# after a committed swap: bob's actors are the newcomer's (no longer watched under the old name), then the
+# incumbent's stack is released
+RELEASE = ("release", "bob", {"alice": ["alice_w"], "bob": ["new_w"]})
+
+
 def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agents_place(
-        make_trainer, base_configs, bob_v2, tmp_path):
+        make_trainer, base_configs, bob_v2, tmp_path, monkeypatch):
     """Stage 0 before the stage's first update: one probe regeneration with the incumbent; the incumbent scores its
     own training and held-out messages and gives its top-k (16) on the training ones; the newcomer is distilled toward
     it at lr 1e-4, one epoch at a time (mini-batches of 4 messages), while the held-out KL (k3) is above δ₀ = δ = 0.01 (curve
     0.213, 0.0576, 0.00246: two epochs); its weights go into its servers, the agent's turns are routed to them and
-    the incumbent's servers sleep. Then the stage runs as usual
-    with the newcomer as bob; its first regeneration pairs with the probe (the swap's gain) and reuses alice's turns."""
+    the incumbent's stack is released (after the watch stopped watching it). Then the stage runs as usual with the
+    newcomer as bob; its first regeneration pairs with the probe (the swap's gain) and reuses alice's turns."""
     log = []
-    trainer = aligned_swap_trainer(make_trainer, base_configs, bob_v2, tmp_path, log, [1.0, 0.5, 0.1], topk=16,
+    trainer = aligned_swap_trainer(make_trainer, base_configs, bob_v2, tmp_path, log, [1.0, 0.5, 0.1], monkeypatch,
+                                   topk=16,
                                    mini_batch=4, lr=1e-4)
     incumbent_models, incumbent = dict(trainer.state.agent_models), trainer.stacks["bob"].worker_group
     metrics = {}
@@ -1190,7 +1211,7 @@ def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agen
     stage0 = (REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2 + [("sleep", "bob"), ("teacher_topk", "bob", 16)]
               + [("sleep", "bob-new"), ("monitor", "bob-new"), ("distill", "bob-new", "bob", 4, 1e-4),
                  ("monitor", "bob-new"), ("distill", "bob-new", "bob", 4, 1e-4), ("monitor", "bob-new"),
-                 ("reset_optimizer", "bob-new"), ("sync", "bob-new"), ("route", "bob", "bob-new")])
+                 ("reset_optimizer", "bob-new"), ("sync", "bob-new"), ("route", "bob", "bob-new"), RELEASE])
     assert log == stage0 + REGEN + agent_block("alice") + REGEN + agent_block("bob-new") + REGEN
     held = heldout_prompts(PROMPTS, 0.25, 4, 0)
     # the incumbent's top-k is taken on bob's training messages of the probe, the newcomer distilled on the same
@@ -1216,6 +1237,8 @@ def test_an_aligned_swap_distils_the_newcomer_into_delta0_then_it_takes_the_agen
     assert probe["seed"] == first["seed"] and probe["prefix"] is None
     assert all(set(p) == {"0", "1"} and all(len(turns) == 1 for turns in p.values()) for p in first["prefix"])
     assert metrics["teamtr/stage0/crn_gain"] == pytest.approx(RETURN_STEP)
+    assert {key: metrics[f"teamtr/stage0/released_{key}"] for key in ("actors", "processes", "gib", "left")} == {
+        "actors": 2, "processes": 5, "gib": 1.5, "left": 0}
     state = trainer.state
     assert state.agent_models == {**incumbent_models, "bob": str(bob_v2)}
     record = state.replacements[0]
@@ -1262,7 +1285,7 @@ def test_an_aligned_swap_across_tokenizers_trains_on_the_translated_messages_lik
 
     monkeypatch.setattr(trainer_module, "read_rows", read_rows)
     log = []
-    trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs[2], tmp_path, log, [])
+    trainer = aligned_swap_trainer(make_trainer, base_configs, model_dirs[2], tmp_path, log, [], monkeypatch)
     incumbent, newcomer = trainer.stacks["bob"].worker_group, trainer._incoming.worker_group
     newcomer.message_shifts = deque([0.5, 0.2, 0.004])
     metrics = {}
@@ -1270,12 +1293,12 @@ def test_an_aligned_swap_across_tokenizers_trains_on_the_translated_messages_lik
     held = heldout_prompts(PROMPTS, 0.25, 4, 0)
     train_rows, held_rows = (PROMPTS - len(held)) * SESSIONS, len(held) * SESSIONS
     config = trainer.stacks["bob"].config.actor_rollout_ref
-    distill = ("distill", "bob-new", "likelihood", 8, None)
+    distill = ("distill", "bob-new", "tensors", 8, None)
     stage0 = REGEN + [("balance", "bob"), ("old_log_prob", "bob")] * 2 + [
         ("sleep", "bob"), ("message_logp", "bob", held_rows), ("sleep", "bob-new"),
         ("message_logp", "bob-new", held_rows), distill, ("message_logp", "bob-new", held_rows), distill,
         ("message_logp", "bob-new", held_rows), ("reset_optimizer", "bob-new"), ("sync", "bob-new"),
-        ("route", "bob", "bob-new")]
+        ("route", "bob", "bob-new"), RELEASE]
     assert log == stage0 + REGEN + agent_block("alice") + REGEN + agent_block("bob-new") + REGEN
     assert ("teacher_topk", "bob", 64) not in log  # no top-k across vocabularies
     assert incumbent.message_args == newcomer.message_args == (config.rollout.temperature,
@@ -1302,16 +1325,56 @@ def test_an_aligned_swap_across_tokenizers_trains_on_the_translated_messages_lik
     assert sorted(held_texts + train_texts) == sorted(texts.values())
 
 
-def test_an_aligned_swap_that_misses_delta0_is_refused_and_saves_nothing(make_trainer, base_configs, bob_v2,
-                                                                         tmp_path):
+def test_an_aligned_swap_toward_the_mixture_keeps_the_newcomer_where_it_is_already_close(
+        make_trainer, base_configs, bob_v2, tmp_path, monkeypatch):
+    """target=mixture: the newcomer, as it came, scores the incumbent's top-2 tokens (ids 2, 0) of the 6 training
+    messages; the teacher becomes, per position, the geometric mixture closest to the newcomer within the budget
+    δ₀ / (2 × mean tokens per message) = 0.01 / (2 × 14/6) = 0.0021429. Row 0's newcomer already equals the incumbent
+    there (t = 0, its own distribution); elsewhere π_inc = [0.6, 0.3 | rest 0.1] and π_new = [0.2, 0.3 | 0.5] (KL
+    0.498 per position), so the target sits on the budget's edge, between the two."""
+    held = heldout_prompts(PROMPTS, 0.25, 4, 0)
+    rows = (PROMPTS - len(held)) * SESSIONS
+    mask = torch.tensor([[1, 1, 0]] * 4 + [[1, 1, 1]] * 2)  # 4 x 2 + 2 x 3 = 14 real tokens over 6 messages
+    assert rows == len(mask)
     log = []
-    trainer = aligned_swap_trainer(make_trainer, base_configs, bob_v2, tmp_path, log, [1.0, 0.5], max_epochs=1)
+    trainer = aligned_swap_trainer(make_trainer, base_configs, bob_v2, tmp_path, log, [1.0, 0.1], monkeypatch,
+                                   topk=2, target="mixture")
+    monkeypatch.setattr(trainer_module, "read_sequences", lambda batch: {"keys": list(batch.keys),
+                                                                         "response_mask": mask})
+    inc, new = torch.tensor([0.6, 0.3]).log(), torch.tensor([0.2, 0.3]).log()
+    ids = torch.tensor([2, 0], dtype=torch.int32).expand(rows, 3, 2)
+    trainer.stacks["bob"].worker_group.topk_result = {"log_probs": inc.expand(rows, 3, 2), "ids": ids}
+    newcomer = trainer._incoming.worker_group
+    newcomer.logprobs_at_result = torch.stack([inc.expand(3, 2)] + [new.expand(3, 2)] * (rows - 1))
+    metrics = {}
+    trainer.step(metrics, {})
+    assert [e for e in log if e[0] in ("logprobs_at", "distill")] == [
+        ("logprobs_at", "bob-new", (rows, 3, 2)), ("distill", "bob-new", "tensors", 8, None)]
+    budget = DELTA / (2 * 14 / 6)
+    teacher = newcomer.teacher
+    assert torch.equal(teacher["ids"], ids) and teacher["log_probs"].dtype == torch.float32
+    target = teacher["log_probs"].double()
+    assert torch.allclose(target[0], inc.double().expand(3, 2))  # t = 0: the newcomer, here the incumbent
+    coarse = algos.with_rest(target)
+    kl = algos.exact_kl(algos.with_rest(inc).expand_as(coarse), coarse)
+    assert kl[1:].flatten().tolist() == pytest.approx([budget] * 3 * (rows - 1), rel=1e-4)
+    p = target[1:].exp()  # between the two: less of token 2 than the incumbent, more than the newcomer
+    assert bool(((p[..., 0] > 0.2) & (p[..., 0] < 0.6)).all())
+    t = algos.topk_mixture_target(inc, new, budget).t.item()
+    assert 0 < t < 1 and metrics["teamtr/stage0/mixture_t"] == pytest.approx(12 / 14 * t)  # row 0's 2 tokens: t = 0
+
+
+def test_an_aligned_swap_that_misses_delta0_is_refused_and_saves_nothing(make_trainer, base_configs, bob_v2,
+                                                                         tmp_path, monkeypatch):
+    log = []
+    trainer = aligned_swap_trainer(make_trainer, base_configs, bob_v2, tmp_path, log, [1.0, 0.5], monkeypatch,
+                                   max_epochs=1)
     before = copy.deepcopy(trainer.state)
     with pytest.raises(trainer_module.Stage0RefusedError,
                        match=r"teamtr.replace: agent 'bob' -> .*: not aligned within 1 steps: KL 0.0576 > delta0 0.01 "
                              r"\(curve 0.2131, 0.0576\); the swap is refused. Nothing was saved"):
         trainer.step({}, {})
-    assert [e for e in log if e[0] in ("save", "sync", "route")] == []
+    assert [e for e in log if e[0] in ("save", "sync", "route", "release")] == []
     assert trainer.state == before and not list(tmp_path.iterdir())
 
 

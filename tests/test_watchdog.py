@@ -91,3 +91,20 @@ def test_a_stopped_watch_reports_nothing(monkeypatch):
     watch.start(poll_s=0.01, on_death=reports.append)
     watch._thread.join(timeout=5)
     assert not watch._thread.is_alive() and reports == []
+
+
+def test_a_committed_swap_hands_the_agents_name_to_the_newcomers_actors(monkeypatch):
+    """During Stage 0 the incoming model's actors are watched as "bob-incoming"; after the swap they are bob's, and the
+    incumbent's (about to be ended) are watched no more: their death is no reason to stop the run."""
+    table = TABLE + [row("teamtr_bob-incoming_WorkerDict_2:0", pid=31), row("vllm_server_2_0", pid=32)]
+    servers = {**SERVERS, "bob-incoming": ["vllm_server_2_0"]}
+    watch = AgentWatch(agent_actor_names(table, JOB, ["alice", "bob", "bob-incoming"], servers), JOB)
+    old = watch.hand_over("bob", "bob-incoming")
+    assert old == ["teamtr_bob_WorkerDict_1:0", "vllm_server_1_0"]
+    assert watch.actors_of == {"alice": ["teamtr_alice_WorkerDict_0:0", "vllm_server_0_0"],
+                               "bob": ["teamtr_bob-incoming_WorkerDict_2:0", "vllm_server_2_0"]}
+    released = [r for r in table if r["Name"] not in old]
+    assert dead_actors(released, JOB, watch.actors_of) == []
+    newcomer_died = [r for r in released if r["Name"] != "vllm_server_2_0"]
+    assert describe(dead_actors(newcomer_died, JOB, watch.actors_of)) == (
+        "agent 'bob': its actor vllm_server_2_0 died (no longer in Ray's actor table)")

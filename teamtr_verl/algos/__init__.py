@@ -70,6 +70,8 @@ from teamtr_verl.algos.stage0 import (
     message_kl,
     mixture_within,
     topk_forward_kl,
+    topk_mixture_target,
+    with_rest,
 )
 from teamtr_verl.defaults import (
     DEFAULT_A_CLIP,
@@ -104,5 +106,5 @@ __all__ = [
     "happo_factor",
     # stage0
     "AlignmentVerdict", "MixtureTarget", "alignment_verdict", "exact_kl", "geometric_mixture", "message_kl",
-    "mixture_within", "topk_forward_kl",
+    "mixture_within", "topk_forward_kl", "topk_mixture_target", "with_rest",
 ]

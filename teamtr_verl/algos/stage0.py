@@ -126,6 +126,43 @@ def mixture_within(new_logits: torch.Tensor, incumbent_logits: torch.Tensor, del
     return MixtureTarget(hi, log_probs, _mixture_kl(new_logits, incumbent_logits, hi, direction))
 
 
+def with_rest(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """k tokens' log-probabilities plus one bucket for the mass outside them: the coarse-grained distribution on
+    K ∪ {rest} that :func:`topk_forward_kl` compares. The rest's mass is floored at 1e-30 (rounding can leave the k
+    tokens' sum at or above 1), so that a geometric mixture never multiplies 0 by −inf.
+
+    Args:
+        topk_logprobs: `(torch.Tensor)` shape (..., k), normalized over the whole vocabulary.
+
+    Returns:
+        `(torch.Tensor)` float64 shape (..., k + 1), the rest last.
+    """
+    _check_tensor("topk_logprobs", topk_logprobs)
+    log_top = topk_logprobs.to(torch.float64)
+    rest = (1.0 - log_top.exp().sum(-1, keepdim=True)).clamp(min=1e-30)
+    return torch.cat([log_top, rest.log()], dim=-1)
+
+
+def topk_mixture_target(incumbent_topk_logprobs: torch.Tensor, new_logprobs: torch.Tensor,
+                        budget: float) -> MixtureTarget:
+    """The geometric-mixture target on the incumbent's top-k tokens plus the rest (what the top-k loss sees): per
+    position the smallest t with KL(π_inc ‖ π_t) ≤ ``budget`` on K ∪ {rest} (:func:`mixture_within`), t = 0 where
+    the newcomer is already that close. The teacher that keeps as much of the newcomer as the budget allows.
+
+    Args:
+        incumbent_topk_logprobs: `(torch.Tensor)` shape (..., k), the incumbent's top-k log-probabilities.
+        new_logprobs: `(torch.Tensor)` shape (..., k), the newcomer's log-probabilities of the same tokens (before
+            its alignment: the model whose behaviour the target keeps).
+        budget: the KL allowed per position (> 0).
+
+    Returns:
+        :class:`MixtureTarget` on K ∪ {rest}: ``log_probs`` (..., k + 1), whose first k are the teacher's log-probs
+        for :func:`topk_forward_kl` (which puts the remaining mass in its rest bucket).
+    """
+    _check_same_shape("new_logprobs", new_logprobs, "incumbent_topk_logprobs", incumbent_topk_logprobs)
+    return mixture_within(with_rest(new_logprobs), with_rest(incumbent_topk_logprobs), budget)
+
+
 def topk_forward_kl(incumbent_topk_logprobs: torch.Tensor, incumbent_topk_ids: torch.Tensor,
                     new_logits: torch.Tensor) -> torch.Tensor:
     """Per position, the forward KL from the incumbent to the newcomer over the incumbent's top-k tokens plus one
