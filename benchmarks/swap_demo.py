@@ -73,6 +73,8 @@ def main() -> None:
                         help="the newcomer's tokenizer: the team's, or its own (another vocabulary)")
     parser.add_argument("--out", type=Path, default=Path(".demo/swap"))
     args = parser.parse_args()
+    if "mixture" in args.arms and args.tokenizer == "own":
+        parser.error("--arms mixture needs --tokenizer team: a geometric mixture needs one vocabulary")
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     team = out / "team"
@@ -123,7 +125,8 @@ def main() -> None:
                           f"± {first.get('teamtr/stage0/crn_gain_se', float('nan')):.3f}, "
                           f"{first.get('teamtr/stage0/seconds', float('nan')):.0f} s, incumbent released "
                           f"({first.get('teamtr/stage0/released_gib', float('nan')):.2f} GiB)"
-                          + (f", mean t {first['teamtr/stage0/mixture_t']:.3f}" if arm == "mixture" else "")
+                          + (f", mean t {first.get('teamtr/stage0/mixture_t', float('nan')):.3f}"
+                             if arm == "mixture" else "")
                           + (f", re-tokenized ({first.get('teamtr/stage0/untranslated_messages', 0):.0f} messages "
                              "left out)" if first.get("teamtr/stage0/retokenized") else ""))
             elif refused:

@@ -476,7 +476,7 @@ class TeamTRTrainer(PPOTrainer):
         sizes = {"probe_messages": len(probe.keys_of(name, held, heldout=False)),
                  "heldout_messages": len(probe.keys_of(name, held, heldout=True))}
         self.state.apply_replacement(self.team, delta0=delta0, kl=curve[-1], kl_curve=curve, epochs=len(curve) - 1,
-                                     **sizes)
+                                     target=swap.target, **sizes)
         # the certificate counts the alignment as one update with zero surrogate gain and KL d̂
         self.state.record_update({"stage": stage, "agent": name, "position": -1, "committed": True,
                                   "kl": curve[-1], "kl_full": curve[-1], "alpha": 1.0, "backtracks": 0,
@@ -500,9 +500,13 @@ class TeamTRTrainer(PPOTrainer):
         budget = delta0 / (2.0 * float(real.sum()) / len(real))
         new = self.actor_rollout_wg.stage0_logprobs_at(sequences, teacher["ids"], temperature,
                                                        self._micro_rows(self.team.replace))[0]
-        target = algos.topk_mixture_target(teacher["log_probs"], new, budget)
-        metrics["teamtr/stage0/mixture_t"] = float(target.t[real].mean())  # 0: the newcomer kept, 1: the incumbent
-        return {"ids": teacher["ids"], "log_probs": target.log_probs[..., :-1].float()}
+        # at the messages' tokens only (padding is out of the loss): a float64 bisection over the whole padded block
+        # would cost several times its size
+        target = algos.topk_mixture_target(teacher["log_probs"][real], new[real], budget)
+        metrics["teamtr/stage0/mixture_t"] = float(target.t.mean())  # 0: the newcomer kept, 1: the incumbent
+        log_probs = teacher["log_probs"].clone()
+        log_probs[real] = target.log_probs[..., :-1].to(log_probs.dtype)
+        return {"ids": teacher["ids"], "log_probs": log_probs}
 
     def _micro_rows(self, swap) -> int:
         """Rows per forward of a Stage-0 call: the bound agent's actor micro-batch (its mini-batch under dynamic
@@ -527,10 +531,16 @@ class TeamTRTrainer(PPOTrainer):
 
     def _release(self, name: str, incumbent, metrics: dict) -> None:
         """After a committed swap the incumbent serves no turn and trains no more: stop watching its actors (the
-        newcomer's are the agent's now), then end them and every process they started, so that its memory (on GPUs,
-        its devices' memory) is the run's again."""
+        newcomer's are the agent's now), then end them and every process they started, so that the host and device
+        memory they held is free (their placement-group bundles stay reserved until the run ends). A release that
+        fails is reported, not fatal: the swap itself is done."""
         self.watch.hand_over(name, f"{name}{INCOMING_SUFFIX}")
-        released = release_stack(incumbent)
+        try:
+            released = release_stack(incumbent)
+        except Exception as error:  # Ray's actor table (a DeveloperAPI) or psutil: the swap must not be lost to it
+            logger.warning("teamtr: Stage 0: %s's incumbent could not be released: %r", name, error)
+            metrics["teamtr/stage0/released_left"] = -1
+            return
         print(f"teamtr: Stage 0: released {name}'s incumbent: {released['actors']} Ray actors, "
               f"{released['processes']} processes on this node, {released['gib']:.2f} GiB", flush=True)
         metrics.update({f"teamtr/stage0/released_{key}": value for key, value in released.items()})

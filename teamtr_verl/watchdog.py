@@ -116,7 +116,9 @@ class AgentWatch:
         self._stopped.set()
 
     def dead(self) -> list[tuple[str, str, str]]:
-        return dead_actors(self._table(), self.job_id, self.actors_of)
+        # the table first: one read after a hand_over's kill is matched against the handed-over actors
+        table = self._table()
+        return dead_actors(table, self.job_id, self.actors_of)
 
     def summary(self) -> list[str]:
         """One line per agent: its actors and their process ids (what an operator, or a drill, kills)."""
