@@ -14,7 +14,8 @@ team of two tiny agents (different sizes and tokenizers) on CPU with real Ray, F
   synced or saved;
 * an aligned swap (Stage 0) probes the team with the incumbent, measures the newcomer's KL on held-out probe
   messages, hands the agent's turns to the newcomer's servers and ends the incumbent's actors; one that misses δ₀ is
-  refused, saving nothing.
+  refused, saving nothing, and the same swap with a δ₀ the distillation reaches is made (the monitor from above δ₀
+  to within it).
 """
 
 import json
@@ -224,27 +225,48 @@ def test_an_aligned_swap_probes_the_team_then_hands_bobs_turns_to_the_newcomer(t
     assert len(stage0) == 1 and stage0[0]["surrogate"] == 0.0 and stage0[0]["crn_gain"] is not None
 
 
-def test_an_aligned_swap_that_misses_delta0_is_refused_and_the_checkpoint_is_untouched(two_stages, team, tmp_path):
+def test_an_aligned_swap_is_refused_out_of_reach_and_made_once_distillation_brings_the_kl_within_delta0(
+        two_stages, team, tmp_path):
+    """A noisy copy of the stage-1 bob (same vocabulary: the top-k path). First with δ₀ = 1e-9 and 3 epochs at
+    Stage 0's own lr 1e-4: refused, nothing written, the checkpoint untouched, and the curve says how far top-k
+    distillation through Ray brought the held-out KL. Then the same swap (the same probe: same checkpoint, prompts and
+    seeds) with δ₀ halfway between the initial KL and the curve's lowest point: the monitor starts above δ₀ and Stage 0
+    stops at the first epoch at or below it; the newcomer's servers then serve its aligned weights."""
     _, ckpt, _ = two_stages
     alice, bob, data = team
     newcomer = perturbed_copy(ckpt / "global_step_1" / "bob" / "huggingface", tmp_path / "bob_noisy", 0.2, seed=4,
                               tokenizer_dir=bob)
     before = (ckpt / "global_step_1" / "teamtr_state.json").read_bytes()
-    workdir = tmp_path / "refused"
-    result, rows = run_main_ppo("teamtr_tiny_cpu", [
-        team_override({"alice": alice, "bob": bob}),
-        f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}", ALICE_SAMPLING,
-        *STAGE0_RUN, f"trainer.resume_from_path={ckpt / 'global_step_1'}", "trainer.save_freq=1",
-        f"trainer.default_local_dir={workdir / 'ckpt'}",
-        f"teamtr.replace={{agent: bob, model: '{newcomer}', delta0: 1.0e-9, max_epochs: 1}}",
-    ], workdir)
+
+    def swap(workdir, delta0):
+        return run_main_ppo("teamtr_tiny_cpu", [
+            team_override({"alice": alice, "bob": bob}),
+            f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}", ALICE_SAMPLING,
+            *STAGE0_RUN, f"trainer.resume_from_path={ckpt / 'global_step_1'}", "trainer.save_freq=1",
+            f"trainer.default_local_dir={workdir / 'ckpt'}",
+            f"teamtr.replace={{agent: bob, model: '{newcomer}', delta0: {delta0!r}, max_epochs: 3, lr: 1.0e-4}}",
+        ], workdir)
+
+    refused = tmp_path / "refused"
+    result, rows = swap(refused, 1.0e-9)
     assert result.returncode != 0
-    message = re.search(r"teamtr.replace: agent 'bob' -> \S+: not aligned within 1 steps: KL (\S+) > delta0 1e-09 "
-                        r"\(curve (\S+), (\S+)\); the swap is refused. Nothing was saved", result.stderr)
+    message = re.search(r"teamtr.replace: agent 'bob' -> \S+: not aligned within 3 steps: KL (\S+) > delta0 1e-09 "
+                        r"\(curve ([^)]*)\); the swap is refused. Nothing was saved", result.stderr)
     assert message, result.stderr[-3000:]
-    assert float(message.group(2)) != float(message.group(3))  # one distillation epoch ran and moved the newcomer
-    assert not rows and not (workdir / "ckpt").exists()  # no stage ran, nothing was written
+    assert not rows and not (refused / "ckpt").exists()  # no stage ran, nothing was written
     assert (ckpt / "global_step_1" / "teamtr_state.json").read_bytes() == before
+    curve = [float(v) for v in message.group(2).split(", ")]
+    assert len(curve) == 4 and min(curve[1:]) < 0.9 * curve[0], curve  # distillation brought the held-out KL down
+    delta0 = (curve[0] + min(curve[1:])) / 2
+    made = tmp_path / "made"
+    result, rows = swap(made, delta0)
+    assert result.returncode == 0, f"see {made}/stderr.log\n{result.stderr[-3000:]}"
+    metrics = next(data for data in rows.values() if "teamtr/stage0/kl" in data)
+    assert metrics["teamtr/stage0/kl_initial"] > delta0 >= metrics["teamtr/stage0/kl"]  # from above δ₀ to within it
+    assert 1 <= metrics["teamtr/stage0/epochs"] <= 3 and metrics["teamtr/stage0/retokenized"] == 0.0
+    for agent in ("alice", "bob"):  # each agent's servers hold its own actor's weights, the newcomer's its aligned ones
+        assert metrics[f"teamtr/{agent}/rollout_probs_diff_max"] < 1e-3, agent
+    assert metrics["teamtr/stage0/released_left"] == 0
 
 
 def test_stale_schedule_runs_a_three_agent_round_robin_from_the_same_entry_point(team, tmp_path):
