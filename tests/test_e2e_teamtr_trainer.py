@@ -231,18 +231,19 @@ def test_an_aligned_swap_is_refused_out_of_reach_and_made_once_distillation_brin
     Stage 0's own lr 1e-4: refused, nothing written, the checkpoint untouched, and the curve says how far top-k
     distillation through Ray brought the held-out KL. Then the same swap (the same probe: same checkpoint, prompts and
     seeds) with δ₀ halfway between the initial KL and the curve's lowest point: the monitor starts above δ₀ and Stage 0
-    stops at the first epoch at or below it; the newcomer's servers then serve its aligned weights."""
+    stops at the first epoch at or below it; the newcomer's servers then serve its aligned weights. Last, the swapped
+    run resumes as it is."""
     _, ckpt, _ = two_stages
     alice, bob, data = team
     newcomer = perturbed_copy(ckpt / "global_step_1" / "bob" / "huggingface", tmp_path / "bob_noisy", 0.2, seed=4,
                               tokenizer_dir=bob)
     before = (ckpt / "global_step_1" / "teamtr_state.json").read_bytes()
 
-    def swap(workdir, delta0):
+    def swap(workdir, delta0, *run):
         return run_main_ppo("teamtr_tiny_cpu", [
             team_override({"alice": alice, "bob": bob}),
             f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}", ALICE_SAMPLING,
-            *STAGE0_RUN, f"trainer.resume_from_path={ckpt / 'global_step_1'}", "trainer.save_freq=1",
+            *(run or (*STAGE0_RUN, f"trainer.resume_from_path={ckpt / 'global_step_1'}")), "trainer.save_freq=1",
             f"trainer.default_local_dir={workdir / 'ckpt'}",
             f"teamtr.replace={{agent: bob, model: '{newcomer}', delta0: {delta0!r}, max_epochs: 3, lr: 1.0e-4}}",
         ], workdir)
@@ -267,6 +268,17 @@ def test_an_aligned_swap_is_refused_out_of_reach_and_made_once_distillation_brin
     for agent in ("alice", "bob"):  # each agent's servers hold its own actor's weights, the newcomer's its aligned ones
         assert metrics[f"teamtr/{agent}/rollout_probs_diff_max"] < 1e-3, agent
     assert metrics["teamtr/stage0/released_left"] == 0
+    # the swapped run resumes with the same teamtr.replace and the team's own two devices: no second Stage 0, the
+    # newcomer's checkpoint is loaded into its servers, one more stage trains
+    result, rows = swap(made, delta0, "trainer.n_gpus_per_node=2", "data.train_batch_size=6",
+                        "trainer.total_training_steps=3", "trainer.resume_mode=auto")
+    assert result.returncode == 0, f"see {made}/stderr.log\n{result.stderr[-3000:]}"
+    stages = {step: data for step, data in rows.items() if "teamtr/stage/return_mean" in data}
+    assert sorted(stages) == [2, 3] and not any("stage0" in key or "replaced" in key for key in stages[3])
+    assert stages[3]["teamtr/bob/rollout_probs_diff_max"] < 1e-3
+    state = json.loads((made / "ckpt" / "global_step_3" / "teamtr_state.json").read_text())
+    assert state["agent_models"]["bob"] == str(newcomer) and len(state["replacements"]) == 1
+    assert state["replacements"][0]["target"] == "incumbent" and state["stages_done"] == 3
 
 
 def test_stale_schedule_runs_a_three_agent_round_robin_from_the_same_entry_point(team, tmp_path):
