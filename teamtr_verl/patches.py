@@ -123,8 +123,14 @@ def _silence_unavailable_engine_warnings() -> None:
                             module=r"verl\.workers\.engine$")
 
 
+PORT_RETRIES = 3
+
+
 def _patch_init_process_group() -> None:
-    """verl builds backend f"cpu:gloo,{device}:{backend}" = "cpu:gloo,cpu:gloo", which torch rejects as a duplicate."""
+    """verl builds backend f"cpu:gloo,{device}:{backend}" = "cpu:gloo,cpu:gloo", which torch rejects as a duplicate.
+    And verl picks MASTER_PORT by binding port 0 and closing it (single_controller/base/worker.py ``_get_free_port``):
+    another process can take the port before rank 0 listens on it (EADDRINUSE, seen once in a CPU test run). A group
+    of one process may move to another free port; a larger one cannot (its other ranks were told this one)."""
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
@@ -141,9 +147,27 @@ def _patch_init_process_group() -> None:
                 kwargs["backend"] = collapsed
             else:
                 args = (collapsed, *args[1:])
-        return original(*args, **kwargs)
+        alone = (kwargs.get("world_size") == 1 and kwargs.get("store") is None
+                 and kwargs.get("init_method") in (None, "env://"))
+        for attempt in range(PORT_RETRIES):
+            try:
+                return original(*args, **kwargs)
+            except dist.DistNetworkError as error:
+                if not alone or "EADDRINUSE" not in str(error) or attempt == PORT_RETRIES - 1:
+                    raise
+                taken, os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT"), str(_free_port())
+                logger.warning("teamtr: MASTER_PORT %s was taken before the process group bound it; using %s",
+                               taken, os.environ["MASTER_PORT"])
 
     c10d.init_process_group = dist.init_process_group = _mark(init_process_group)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def _patch_vllm_distribution_name() -> None:

@@ -102,6 +102,39 @@ def test_duplicate_backend_string_is_collapsed_to_gloo(tmp_path):
         dist.destroy_process_group()
 
 
+PORT_RACE = r"""
+import json, os, socket
+import torch.distributed as dist
+import teamtr_verl.register  # noqa: F401  (the CPU patches)
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()  # what another process did with verl's "free" port before rank 0 bound it
+port = taken.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="{world}")
+try:
+    dist.init_process_group(backend="cpu:gloo,cpu:gloo", rank=0, world_size={world}, timeout=__import__("datetime").timedelta(seconds=5))
+    outcome = dist.get_backend()
+    dist.destroy_process_group()
+except Exception as error:
+    outcome = type(error).__name__ + (": EADDRINUSE" if "EADDRINUSE" in str(error) else "")
+print(json.dumps({{"outcome": outcome, "taken": port, "used": int(os.environ["MASTER_PORT"])}}))
+"""
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_master_port_taken_before_rank_0_binds_it(world):
+    """verl picks MASTER_PORT by binding port 0 and closing it; another process may take it first. A group of one
+    process moves to another free port; a group of two cannot (rank 1 was told the taken port): torch's error."""
+    result = subprocess.run([sys.executable, "-c", PORT_RACE.format(world=world)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    if world == 1:
+        assert found["outcome"] == "gloo" and found["used"] != found["taken"]
+    else:
+        assert found["outcome"] == "DistNetworkError: EADDRINUSE" and found["used"] == found["taken"]
+
+
 def test_env_check_names_a_wrong_verl_version(monkeypatch):
     from teamtr_verl import env_check, patches
 
