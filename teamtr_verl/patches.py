@@ -155,19 +155,14 @@ def _patch_init_process_group() -> None:
             except dist.DistNetworkError as error:
                 if not alone or "EADDRINUSE" not in str(error) or attempt == PORT_RETRIES - 1:
                     raise
-                taken, os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT"), str(_free_port())
+                from verl.single_controller.base.worker import Worker  # here: this patch runs while verl imports
+
+                taken = os.environ.get("MASTER_PORT")
+                os.environ["MASTER_PORT"] = str(Worker._get_free_port())  # verl's own choice, made once more
                 logger.warning("teamtr: MASTER_PORT %s was taken before the process group bound it; using %s",
                                taken, os.environ["MASTER_PORT"])
 
     c10d.init_process_group = dist.init_process_group = _mark(init_process_group)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _patch_vllm_distribution_name() -> None:

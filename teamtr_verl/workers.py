@@ -186,11 +186,8 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
                 ids.append(top.indices.int().cpu())  # int32: half the bytes sent back to every rank each epoch
         return {"log_probs": torch.cat(log_probs), "ids": torch.cat(ids)}
 
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def stage0_logprobs_at(self, sequences: dict, ids: torch.Tensor, temperature: float,
-                           micro_rows: int) -> torch.Tensor:
-        """This model's log-probabilities of the given tokens at every response position (the newcomer's, as it came,
-        at the incumbent's top-k: the other end of the geometric-mixture target): (rows, R, k) float32."""
+    def _logprobs_at(self, sequences: dict, ids: torch.Tensor, temperature: float, micro_rows: int) -> torch.Tensor:
+        """log π of the given tokens at every response position: ``ids`` (rows, R, k) -> (rows, R, k) float32."""
         out = []
         with self.actor.engine.eval_mode(), torch.no_grad():
             for start in range(0, len(sequences["input_ids"]), micro_rows):
@@ -200,21 +197,21 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         return torch.cat(out)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def stage0_logprobs_at(self, sequences: dict, ids: torch.Tensor, temperature: float,
+                           micro_rows: int) -> torch.Tensor:
+        """This model's log-probabilities of the given tokens at every response position (the newcomer's, as it came,
+        at the incumbent's top-k: the other end of the geometric-mixture target): (rows, R, k) float32."""
+        return self._logprobs_at(sequences, ids, temperature, micro_rows)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage0_message_logp(self, sequences: dict, temperature: float, micro_rows: int) -> torch.Tensor:
         """log π(message | context) of every row: the sum of its response tokens' log-probabilities at
         ``temperature`` (the cross-tokenizer monitor scores each model in its own tokens): (rows,) float64."""
         from teamtr_verl.rollout_batch import packed_responses
 
-        sums, mask = [], sequences["response_mask"]
-        with self.actor.engine.eval_mode(), torch.no_grad():
-            for start in range(0, len(mask), micro_rows):
-                part = slice(start, start + micro_rows)
-                logits = self._response_logits(sequences, part, temperature)
-                ids = packed_responses(sequences)[part].to(logits.device)
-                token = torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None].long())[..., 0]
-                real = mask[part].to(token.device) > 0
-                sums.append(torch.where(real, token, torch.zeros_like(token)).double().sum(-1).cpu())
-        return torch.cat(sums)
+        token = self._logprobs_at(sequences, packed_responses(sequences)[..., None], temperature, micro_rows)[..., 0]
+        real = sequences["response_mask"] > 0
+        return torch.where(real, token, torch.zeros_like(token)).double().sum(-1)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def stage0_distill_epoch(self, sequences: dict, teacher: dict, temperature: float, mini_rows: int,
