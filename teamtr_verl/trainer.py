@@ -33,7 +33,6 @@ from typing import Optional
 
 import torch
 from omegaconf import DictConfig
-from ray.exceptions import RayActorError
 from transfer_queue import KVBatchMeta
 from verl.experimental.reward_loop import RewardLoopManager
 from verl.trainer.ppo.utils import need_reference_policy
@@ -237,9 +236,13 @@ class TeamTRTrainer(PPOTrainer):
         """One TeamTR stage; returns every TransferQueue key it created (verl's fit() clears them)."""
         try:
             return self._stage(metrics)
-        except RayActorError as error:  # name the agent whose actor died (the watch may not have polled yet)
+        except (AgentDiedError, NonFiniteUpdateError):
+            raise
+        except Exception as error:
+            # a dead actor surfaces as whatever fails first (RayActorError, or verl's replay buffer finding only
+            # failed episodes): name the agent whose actor died, if one did (the watch may not have polled yet)
             watch = getattr(self, "watch", None)
-            dead = watch.dead() if watch is not None else []
+            dead = watch.dead_within() if watch is not None else []
             if dead:
                 raise AgentDiedError(f"teamtr: stage {self.global_steps}: {describe(dead)}") from error
             raise

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Optional
 
 POLL_S = 2.0
+GRACE_S = 10.0  # after a stage's error: how long Ray may take to mark a killed actor DEAD (seen: up to a few seconds)
 AGENT_LOOP = "the team's agent loop"  # verl's agent-loop workers run every agent's turns: no one agent owns them
 REWARD_LOOP = "the team's reward loop"  # verl's reward-loop workers score every episode
 SHARED = {"agent_loop_worker_": AGENT_LOOP, "reward_loop_worker_": REWARD_LOOP}  # actor name prefix -> label
@@ -119,6 +120,19 @@ class AgentWatch:
         # the table first: one read after a hand_over's kill is matched against the handed-over actors
         table = self._table()
         return dead_actors(table, self.job_id, self.actors_of)
+
+    def dead_within(self, grace_s: float = GRACE_S, poll_s: float = 0.5) -> list[tuple[str, str, str]]:
+        """:meth:`dead`, asked again until it names an actor or ``grace_s`` has passed: an error in a stage can reach
+        the trainer (a rollout whose server is gone) before Ray's table says the server died."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                dead = self.dead()
+            except Exception:  # a GCS hiccup is not a death
+                dead = []
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(poll_s)
 
     def summary(self) -> list[str]:
         """One line per agent: its actors and their process ids (what an operator, or a drill, kills)."""

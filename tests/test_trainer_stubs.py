@@ -937,6 +937,34 @@ def test_nonfinite_kl_with_on_nonfinite_error_names_agent_and_stage(monkeypatch,
     assert ("sync", "alice") not in log
 
 
+@pytest.mark.parametrize("bob_died", [True, False])
+def test_a_stage_that_fails_because_an_agents_server_died_names_the_agent(monkeypatch, make_trainer, base_configs,
+                                                                           bob_died):
+    """bob's vLLM server is killed: the rollout's episodes fail and verl's replay buffer raises before the watch has
+    polled. The stage asks Ray's table (again, for a few seconds) and names bob; with nobody dead, verl's error stays."""
+    trainer = make_trainer(team_config(base_configs, 2), [], global_steps=3)
+
+    def sample(*args, **kwargs):
+        raise RuntimeError("Sync replay buffer selected terminal groups with no materializable trajectories.")
+
+    trainer.replay_buffer = type("FailingReplayBuffer", (), {"sample": staticmethod(sample)})()
+    trainer.watch = AgentWatch({"alice": ["vllm_server_0_0"], "bob": ["vllm_server_1_0"]}, job_id="j")
+    table = [{"Name": "vllm_server_0_0", "State": "ALIVE", "JobID": "j", "DeathCause": ""},
+             {"Name": "vllm_server_1_0", "State": "DEAD" if bob_died else "ALIVE", "JobID": "j", "DeathCause": "SIGKILL"}]
+    monkeypatch.setattr(AgentWatch, "_table", staticmethod(lambda: table))
+    monkeypatch.setattr(trainer_module.AgentWatch, "dead_within",
+                        functools.partialmethod(AgentWatch.dead_within, grace_s=0.05, poll_s=0.01))
+    if bob_died:
+        with pytest.raises(trainer_module.AgentDiedError,
+                           match=r"stage 3: agent 'bob': its actor vllm_server_1_0 died \(SIGKILL\)") as raised:
+            trainer.step({}, {})
+        assert "no materializable trajectories" in str(raised.value.__cause__)
+    else:
+        with pytest.raises(RuntimeError, match="no materializable trajectories") as raised:
+            trainer.step({}, {})
+        assert type(raised.value) is RuntimeError
+
+
 @pytest.mark.parametrize("cause", ["kl", "pg_loss", "grad_norm"])
 def test_nonfinite_with_on_nonfinite_skip_restores_and_counts(monkeypatch, make_trainer, base_configs, cause):
     log = []

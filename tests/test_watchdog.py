@@ -108,3 +108,15 @@ def test_a_committed_swap_hands_the_agents_name_to_the_newcomers_actors(monkeypa
     newcomer_died = [r for r in released if r["Name"] != "vllm_server_2_0"]
     assert describe(dead_actors(newcomer_died, JOB, watch.actors_of)) == (
         "agent 'bob': its actor vllm_server_2_0 died (no longer in Ray's actor table)")
+
+
+def test_after_a_stages_error_the_watch_asks_again_until_ray_marks_the_killed_server_dead(monkeypatch):
+    """A rollout fails the moment bob's server is killed; Ray's table says so only a little later: the third read."""
+    watch = AgentWatch(agent_actor_names(TABLE, JOB, ["alice", "bob"], SERVERS), JOB)
+    killed = [r if r["Name"] != "vllm_server_1_0" else row("vllm_server_1_0", "DEAD", cause="SIGKILL") for r in TABLE]
+    reads = iter([TABLE, TABLE, killed])
+    monkeypatch.setattr(AgentWatch, "_table", staticmethod(lambda: next(reads)))
+    assert watch.dead_within(grace_s=5, poll_s=0) == [("bob", "vllm_server_1_0", "SIGKILL")]
+    # nobody died: the grace ends with nothing to report (the stage's own error is then raised as it was)
+    monkeypatch.setattr(AgentWatch, "_table", staticmethod(lambda: TABLE))
+    assert watch.dead_within(grace_s=0.05, poll_s=0.01) == []
