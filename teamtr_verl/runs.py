@@ -7,10 +7,13 @@ logger path, no hub, no wandb), the logs kept beside the metrics, and the file-l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -63,6 +66,36 @@ def start_main_ppo(config_name: str, overrides: Sequence[str], workdir: Path,
         process = subprocess.Popen(command, cwd=workdir, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     return process, log
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGKILL every process of the session a :func:`start_main_ppo` run leads, and wait until none is left.
+
+    Not its process group alone: Ray gives each worker its own group, and vLLM's engine processes (renamed
+    ``VLLM::EngineCore``, so ``ray stop`` misses them) would outlive a killed run holding GiBs of memory."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = session_pids(process.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=0.5)
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of the killed run's session {process.pid} still alive: {pids}")
 
 
 def read_metrics(metrics_file: Path) -> dict[int, dict]:
