@@ -31,7 +31,8 @@ class Slot:
 
 class AdapterSlots:
     """The trainable parameters of ``module`` (``requires_grad``, e.g. a PEFT model's LoRA weights) and ``optimizer``
-    (its param groups must hold exactly those) as one live agent plus parked per-agent slots."""
+    (its param groups hold them; they may also hold the frozen base, as verl's FSDP engine builds its optimizer over
+    every parameter, as long as the frozen ones never get optimizer state) as one live agent plus parked slots."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Optional[Any] = None, slot_device: str | torch.device = "cpu"):
@@ -39,9 +40,10 @@ class AdapterSlots:
         if not self.params:
             raise ValueError("the module has no trainable parameters (requires_grad): nothing to keep per agent")
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if in_optimizer != {id(p) for p in self.params.values()}:
-            raise ValueError("the optimizer must hold exactly the module's trainable parameters, "
-                             f"got {len(in_optimizer)} optimizer parameters for {len(self.params)} trainable ones")
+        missing = [name for name, p in self.params.items() if id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(f"the optimizer does not hold the trainable parameters {missing[:3]} "
+                             f"({len(missing)} of {len(self.params)})")
         self.optimizer, self.scheduler, self.slot_device = optimizer, scheduler, torch.device(slot_device)
         self.name_of = {id(p): name for name, p in self.params.items()}
         self.slots: dict[str, Slot] = {}
@@ -96,6 +98,9 @@ class AdapterSlots:
         return tensor.detach().to(self.slot_device, copy=True)
 
     def _capture(self) -> Slot:
+        frozen = [p for p in self.optimizer.state if id(p) not in self.name_of]
+        if frozen:  # a parked agent would leave them behind for the next one: not per agent, not exact
+            raise RuntimeError(f"{len(frozen)} frozen (requires_grad=False) parameters have optimizer state")
         state = {self.name_of[id(p)]: {key: self._park(value) if torch.is_tensor(value) else copy.deepcopy(value)
                                        for key, value in s.items()}
                  for p, s in self.optimizer.state.items()}

@@ -243,6 +243,17 @@ def patch_vllm_cpu() -> None:
 
     layer_utils.dispatch_cpu_unquantized_gemm = _mark(dispatch_cpu_unquantized_gemm)
     _patch_vllm_seeded_rewind()
+    patch_weights_mapper_unstacked()
+
+
+def patch_weights_mapper_unstacked() -> None:
+    """verl 0.9.1's LoRA loader (verl/utils/vllm/utils.py, VLLMHijack) calls ``get_unstacked_mapper()`` on vLLM >=
+    0.25, which vLLM 0.31 does not have: its own loader uses ``get_rename_mapper()`` at that point (renames only, no
+    q/k/v stacking), so alias it. Without it every LoRA sync raises in the worker, which verl's sender waits on."""
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    if not hasattr(WeightsMapper, "get_unstacked_mapper"):
+        WeightsMapper.get_unstacked_mapper = WeightsMapper.get_rename_mapper
 
 
 def _patch_vllm_seeded_rewind() -> None:

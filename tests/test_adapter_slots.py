@@ -123,6 +123,31 @@ def test_bad_slots_are_refused():
         slots.add("bob", {**trainable(model), first: torch.zeros(1)})
     with pytest.raises(ValueError, match="no value for trainable parameters"):
         slots.add("bob", {})
-    whole = torch.optim.AdamW(model.parameters())  # the base's frozen weights too: not one adapter's state
-    with pytest.raises(ValueError, match="exactly the module's trainable parameters"):
-        AdapterSlots(model, whole)
+    frozen = torch.optim.AdamW([p for p in model.parameters() if not p.requires_grad])
+    with pytest.raises(ValueError, match=r"does not hold the trainable parameters .* \(4 of 4\)"):
+        AdapterSlots(model, frozen)
+
+
+def test_an_optimizer_over_every_parameter_as_verls_engine_builds_it_swaps_the_same():
+    """verl's FSDP engine gives AdamW all of the module's parameters, the frozen base too: it never gets state (no
+    grad), so slots over it train each agent exactly as slots over the adapter alone do."""
+    runs = {}
+    for over in ("adapter", "every"):
+        model = lora_model()
+        params = model.parameters() if over == "every" else [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=0.05)
+        slots = AdapterSlots(model, optimizer)
+        slots.add("alice"), slots.add("bob")
+        for step, agent in enumerate(["alice", "bob", "alice", "bob", "alice"]):
+            slots.activate(agent)
+            x, y = batch(agent, step)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        runs[over] = {agent: slots.state_of(agent).params for agent in ("alice", "bob")}
+    assert all(torch.equal(runs["every"][a][n], runs["adapter"][a][n]) for a in runs["every"] for n in runs["every"][a])
+    # a frozen parameter that somehow has state (here: written by hand) is refused at the next swap, not carried over
+    base = next(p for p in model.parameters() if not p.requires_grad)
+    optimizer.state[base] = {"exp_avg": torch.zeros_like(base)}
+    with pytest.raises(RuntimeError, match="1 frozen .* parameters have optimizer state"):
+        slots.activate("bob")

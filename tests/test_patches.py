@@ -114,3 +114,23 @@ def test_the_poll_backoff_is_pinned_to_verl_0_9_1(monkeypatch):
     sample = buffer.sample
     patches.poll_with_backoff(buffer)
     assert buffer.sample == sample and buffer.poll_interval == 2.0  # another verl's buffer may differ: left alone
+
+
+def test_verls_lora_loader_finds_an_unstacked_mapper_that_keeps_q_k_v_apart():
+    """verl's LoRA loader maps PEFT names through ``get_unstacked_mapper()``; on vLLM 0.31 the shim gives it the
+    rename-only mapper: Qwen2's q_proj stays q_proj (the stacked mapper would turn q, k and v all into qkv_proj)."""
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+    from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    present = hasattr(WeightsMapper, "get_unstacked_mapper")
+    assert not present or WeightsMapper.get_unstacked_mapper is WeightsMapper.get_rename_mapper  # only ours sets it
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    stacked = Qwen2ForCausalLM.hf_to_vllm_mapper
+    try:
+        patches.patch_weights_mapper_unstacked()
+        assert parse_fine_tuned_lora_name(key, stacked.get_unstacked_mapper()) == ("model.layers.0.self_attn.q_proj", True)
+        assert parse_fine_tuned_lora_name(key, stacked)[0] == "model.layers.0.self_attn.qkv_proj"  # why not as is
+    finally:
+        if not present:
+            del WeightsMapper.get_unstacked_mapper
