@@ -98,12 +98,13 @@ class AdapterSlots:
         return tensor.detach().to(self.slot_device, copy=True)
 
     def _capture(self) -> Slot:
-        frozen = [p for p in self.optimizer.state if id(p) not in self.name_of]
+        # an empty entry is no state: optimizer.state is a defaultdict, and verl's optimizer offload reads every key
+        frozen = [p for p, state in self.optimizer.state.items() if state and id(p) not in self.name_of]
         if frozen:  # a parked agent would leave them behind for the next one: not per agent, not exact
             raise RuntimeError(f"{len(frozen)} frozen (requires_grad=False) parameters have optimizer state")
         state = {self.name_of[id(p)]: {key: self._park(value) if torch.is_tensor(value) else copy.deepcopy(value)
                                        for key, value in s.items()}
-                 for p, s in self.optimizer.state.items()}
+                 for p, s in self.optimizer.state.items() if id(p) in self.name_of}
         return self._slot(self.params, state)
 
     def _slot(self, params: dict[str, torch.Tensor], optimizer_state: dict) -> Slot:

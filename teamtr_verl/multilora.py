@@ -40,7 +40,7 @@ async def loaded_adapter(engine, lora_int_id: Optional[int], lora_name: Optional
     adapter that is not is refused (vLLM would try to read it from its path and fail inside the engine step)."""
     from vllm.lora.request import LoRARequest
 
-    if lora_int_id is None:
+    if lora_int_id is None or not lora_name:
         raise ValueError(f"shared-base server {where}: a request must name its agent's adapter (lora_name, lora_int_id)")
     loaded = await engine.list_loras()
     if lora_int_id not in loaded:

@@ -36,7 +36,7 @@ class MultiLoRAWorkerExtension(vLLMColocateWorkerExtension):
         adapter_stream = bool(peft_config) and base_sync_done
         self._teamtr_target = (lora_int_id, lora_name) if adapter_stream else None
         self._teamtr_error = None
-        if adapter_stream and lora_int_id is None:  # verl's id 123 would be an adapter no agent's request names
+        if adapter_stream and (lora_int_id is None or not lora_name):  # verl's id 123: an adapter no agent names
             self._teamtr_error = ValueError("shared-base server: an adapter sync must name its adapter "
                                             "(lora_int_id, lora_name)")
         try:
@@ -58,7 +58,8 @@ class MultiLoRAWorkerExtension(vLLMColocateWorkerExtension):
 
     def teamtr_add_adapter(self, lora_int_id: int, lora_name: str, peft_config: dict, tensors: dict) -> bool:
         """Load (or replace in place: the old one stays served until the new one is loaded) one agent's adapter.
-        Also reachable through ``collective_rpc``, for an adapter loaded from disk with no actor involved."""
+        The caller resets the prefix cache afterwards (verl's ``ServerAdapter.update_weights`` does after a sync):
+        cached blocks are keyed by the adapter's name and path, which an in-place replacement keeps."""
         tensors = {name: tensor.clone() for name, tensor in tensors.items()}  # vLLM keeps them past this call
         return self.add_lora(TensorLoRARequest(**adapter_request_fields(lora_int_id, lora_name),
                                                peft_config=peft_config, lora_tensors=tensors, load_inplace=True))

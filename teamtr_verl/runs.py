@@ -84,6 +84,8 @@ def kill_session(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
 
     Not its process group alone: Ray gives each worker its own group, and vLLM's engine processes (renamed
     ``VLLM::EngineCore``, so ``ray stop`` misses them) would outlive a killed run holding GiBs of memory."""
+    if process.poll() is None and os.getsid(process.pid) != process.pid:
+        raise ValueError(f"process {process.pid} does not lead its own session (start it with start_new_session)")
     deadline = time.monotonic() + timeout_s
     while True:
         pids = session_pids(process.pid)
@@ -94,6 +96,7 @@ def kill_session(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
             process.wait(timeout=0.5)
         if not pids:
             return
+        time.sleep(0.1)  # the leader reaped, wait() no longer waits: let the kernel end the others
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes of the killed run's session {process.pid} still alive: {pids}")
 

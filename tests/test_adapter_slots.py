@@ -146,8 +146,11 @@ def test_an_optimizer_over_every_parameter_as_verls_engine_builds_it_swaps_the_s
             optimizer.step()
         runs[over] = {agent: slots.state_of(agent).params for agent in ("alice", "bob")}
     assert all(torch.equal(runs["every"][a][n], runs["adapter"][a][n]) for a in runs["every"] for n in runs["every"][a])
-    # a frozen parameter that somehow has state (here: written by hand) is refused at the next swap, not carried over
+    # a frozen parameter looked up in the state (as verl's optimizer offload does for every parameter) has none
     base = next(p for p in model.parameters() if not p.requires_grad)
+    assert optimizer.state[base] == {}
+    slots.activate("bob"), slots.activate("alice")
+    # one that somehow has state (here: written by hand) is refused at the next swap, not carried over
     optimizer.state[base] = {"exp_avg": torch.zeros_like(base)}
     with pytest.raises(RuntimeError, match="1 frozen .* parameters have optimizer state"):
         slots.activate("bob")
