@@ -43,7 +43,7 @@ from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
 from teamtr_verl import algos, checkpoints, patches
-from teamtr_verl.config import INCOMING_SUFFIX, TeamConfig
+from teamtr_verl.config import INCOMING_SUFFIX, TeamConfig, TeamConfigError
 from teamtr_verl.defaults import PREFIX_FIELD, PROBE_FIELD, TRAINER_MODE
 from teamtr_verl.rollout_batch import (
     TeamRollout,
@@ -236,8 +236,8 @@ class TeamTRTrainer(PPOTrainer):
         """One TeamTR stage; returns every TransferQueue key it created (verl's fit() clears them)."""
         try:
             return self._stage(metrics)
-        except (AgentDiedError, NonFiniteUpdateError):
-            raise
+        except (AgentDiedError, NonFiniteUpdateError, Stage0RefusedError, TeamConfigError):
+            raise  # the run's own verdicts: no actor to look for
         except Exception as error:
             # a dead actor surfaces as whatever fails first (RayActorError, or verl's replay buffer finding only
             # failed episodes): name the agent whose actor died, if one did (the watch may not have polled yet)
