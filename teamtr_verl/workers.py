@@ -41,8 +41,10 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
 
     # -- the actor's weights, rank-locally (each FSDP rank keeps its own shard) -------------------------------------
     def _local_actor_tensors(self):
+        # the trainable ones: all of them in full fine-tuning; a LoRA actor's adapter, not its frozen base (#14)
         for name, parameter in self.actor.engine.module.named_parameters():
-            yield name, parameter.to_local() if hasattr(parameter, "to_local") else parameter.data
+            if parameter.requires_grad:
+                yield name, parameter.to_local() if hasattr(parameter, "to_local") else parameter.data
 
     def _local_optimizer_states(self):
         """(parameter name, {state key: rank-local tensor}) of the actor's optimizer (Adam: exp_avg, exp_avg_sq,
