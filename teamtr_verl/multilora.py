@@ -10,6 +10,7 @@ Not wired into the topology yet: built and tested piece by piece (tests/test_mul
 
 from __future__ import annotations
 
+import contextlib
 from contextvars import ContextVar
 from typing import Any, Optional
 
@@ -47,6 +48,17 @@ async def loaded_adapter(engine, lora_int_id: Optional[int], lora_name: Optional
         raise LookupError(f"shared-base server {where}: agent {lora_name!r}'s adapter (id {lora_int_id}) is not "
                           f"loaded (loaded: {sorted(loaded)}); sync it before its turns")
     return LoRARequest(**adapter_request_fields(lora_int_id, lora_name))
+
+
+@contextlib.asynccontextmanager
+async def serving_adapter(engine, lora_int_id: Optional[int], lora_name: Optional[str], where: str = "the server"):
+    """Around verl's ``generate`` body: every engine call made inside, through :class:`AdapterRoutingEngine`, uses
+    agent ``lora_name``'s adapter (:func:`loaded_adapter`: refused if not loaded), in this request's task only."""
+    token = _ADAPTER.set(await loaded_adapter(engine, lora_int_id, lora_name, where))
+    try:
+        yield
+    finally:
+        _ADAPTER.reset(token)
 
 
 def max_adapters(rollout_config) -> int:

@@ -68,13 +68,14 @@ def start_main_ppo(config_name: str, overrides: Sequence[str], workdir: Path,
     return process, log
 
 
-def session_pids(sid: int) -> list[int]:
-    """Live (not zombie) processes of session ``sid``, from /proc."""
+def live_pids(*, session: int | None = None, group: int | None = None) -> list[int]:
+    """Live (not zombie) processes of session ``session`` or process group ``group``, from /proc."""
+    field, wanted = (3, session) if session is not None else (2, group)  # after "(comm)": state, ppid, pgrp, session
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, session, ...
-            if int(fields[3]) == sid and fields[0] != "Z":
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[field]) == wanted and fields[0] != "Z":
                 pids.append(int(stat.parent.name))
     return pids
 
@@ -88,7 +89,7 @@ def kill_session(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
         raise ValueError(f"process {process.pid} does not lead its own session (start it with start_new_session)")
     deadline = time.monotonic() + timeout_s
     while True:
-        pids = session_pids(process.pid)
+        pids = live_pids(session=process.pid)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from teamtr_verl.fixtures import write_addition_dataset
-from teamtr_verl.runs import run_main_ppo, team_override
+from teamtr_verl.runs import live_pids, run_main_ppo, team_override
 
 pytestmark = pytest.mark.e2e
 
@@ -57,19 +57,9 @@ def _stop_groups(pgids: list[int], grace_s: float = 2.0) -> None:
             for pgid in pgids:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(-pgid, os.WNOHANG)  # reap the ones that are our own children
-            if not any(_group_alive(pgid) for pgid in pgids):
+            if not any(live_pids(group=pgid) for pgid in pgids):
                 return
             time.sleep(0.5)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Any live (not zombie) process left in the group."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
 
 
 @contextlib.contextmanager
@@ -157,7 +147,7 @@ def two_node_run(tiny_team, tmp_path_factory):
         placement = cluster_placement(address, env) if result.returncode == 0 else None
         times["queried"] = time.monotonic()
     times["torn_down"] = time.monotonic()
-    leftover = [pgid for pgid in pgids if _group_alive(pgid)]
+    leftover = [pgid for pgid in pgids if live_pids(group=pgid)]
     phases = {f"{b}_s": round(times[b] - times[a], 1) for a, b in zip(times, list(times)[1:])}
     phases["total_s"] = round(times["torn_down"] - times["start"], 1)
     (workdir / "placement.json").write_text(json.dumps({"placement": placement, "phases": phases}, indent=1))

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from omegaconf import OmegaConf
 
-from teamtr_verl.multilora import _ADAPTER, AdapterRoutingEngine, loaded_adapter, max_adapters
+from teamtr_verl.multilora import _ADAPTER, AdapterRoutingEngine, max_adapters, serving_adapter
 
 
 class FakeEngine:
@@ -27,13 +27,10 @@ class FakeEngine:
 
 
 async def serve(engine, prompt, agent):
-    """What the server's generate does around verl's body: look the adapter up, route the body's engine call."""
-    token = _ADAPTER.set(await loaded_adapter(engine, *agent))
-    try:
+    """A request: verl's generate body (which passes lora_request=None) inside the agent's adapter context."""
+    async with serving_adapter(engine, *agent):
         await asyncio.sleep(0)  # other requests run here, in their own tasks
-        return AdapterRoutingEngine(engine).generate(prompt=prompt, lora_request=None)  # verl's body passes None
-    finally:
-        _ADAPTER.reset(token)
+        return AdapterRoutingEngine(engine).generate(prompt=prompt, lora_request=None)
 
 
 def test_concurrent_requests_each_get_their_agents_adapter():

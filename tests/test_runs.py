@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from teamtr_verl.runs import kill_session, session_pids
+from teamtr_verl.runs import kill_session, live_pids
 
 # The leader starts a "worker" in its own process group (as Ray does for every worker), which starts an "engine"
 # (as vLLM's server starts its EngineCore). Killing the leader's group alone would leave both.
@@ -20,20 +20,17 @@ LEADER = textwrap.dedent("""
 """)
 
 
-def pgid(pid):
-    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[2])
-
-
 def test_killing_a_run_kills_its_whole_session_not_only_its_process_group():
     leader = subprocess.Popen([sys.executable, "-c", LEADER], start_new_session=True)
     deadline = time.monotonic() + 30
-    while len(session_pids(leader.pid)) < 3 and time.monotonic() < deadline:
+    while len(live_pids(session=leader.pid)) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
-    pids = session_pids(leader.pid)
+    pids = live_pids(session=leader.pid)
     assert len(pids) == 3 and leader.pid in pids
-    assert len({pgid(pid) for pid in pids}) == 2  # the leader's group, and the worker's with the engine
+    worker = next(pid for pid in pids if pid != leader.pid and live_pids(group=pid))  # leads its own group
+    assert sorted(live_pids(group=leader.pid) + live_pids(group=worker)) == sorted(pids)  # the engine is in it
     kill_session(leader, timeout_s=30)
-    assert session_pids(leader.pid) == [] and leader.returncode is not None
+    assert live_pids(session=leader.pid) == [] and leader.returncode is not None
 
 
 def test_a_process_that_leads_no_session_is_refused():
