@@ -50,9 +50,10 @@ class AdapterSlots:
         self.active: Optional[str] = None
 
     # --------------------------------------------------------------------------------------------------- slots
-    def add(self, agent: str, params: Optional[dict[str, torch.Tensor]] = None) -> None:
+    def add(self, agent: str, params: Optional[dict[str, torch.Tensor]] = None, lr: Optional[float] = None) -> None:
         """A new slot: ``params`` (by name; e.g. a loaded adapter or a seeded init), or a copy of the live weights;
-        no optimizer state (a fresh Adam), the optimizer's current learning rates and the scheduler's state."""
+        no optimizer state (a fresh Adam), the optimizer's current learning rates and the scheduler's state, or the
+        agent's own base learning rate ``lr`` in their place (scaled as the schedule scales the optimizer's now)."""
         if agent in self.slots:
             raise ValueError(f"agent {agent!r} already has a slot")
         source = params if params is not None else {name: p.detach() for name, p in self.params.items()}
@@ -63,7 +64,16 @@ class AdapterSlots:
             if name not in self.params or value.shape != self.params[name].shape:
                 raise ValueError(f"agent {agent!r}: parameter {name!r} of shape {tuple(value.shape)} does not fit "
                                  f"the live adapter {tuple(self.params[name].shape) if name in self.params else '(none)'}")
-        self.slots[agent] = self._slot({name: source[name] for name in self.params}, {})
+        slot = self._slot({name: source[name] for name in self.params}, {})
+        if lr is not None:
+            scheduler = slot.scheduler_state or {}
+            bases = scheduler.get("base_lrs") or [group.get("initial_lr", group["lr"])
+                                                  for group in self.optimizer.param_groups]
+            # the schedule's factor now (e.g. mid warm-up) applies to the agent's lr as it does to the team's
+            slot.lrs = [lr * (now / base if base else 1.0) for now, base in zip(slot.lrs, bases)]
+            if "base_lrs" in scheduler:
+                scheduler["base_lrs"], scheduler["_last_lr"] = [lr] * len(bases), list(slot.lrs)
+        self.slots[agent] = slot
 
     def activate(self, agent: str) -> None:
         """Park the live agent (if any) in its slot, then load ``agent``'s weights, optimizer and scheduler state."""

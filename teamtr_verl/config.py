@@ -26,6 +26,8 @@ Shape (YAML)::
                               # max_epochs: 20, heldout_fraction: 0.25, topk: 64, mini_batch: 8, lr: null,
                               # target: incumbent | mixture, chat_template: null, chat_template_kwargs: null}: swap
                               # that agent's model (aligned: Stage 0 first), keep the rest of the team
+      shared_base: null       # {model: /base/dir, lora: {rank: 8, alpha: 16, target_modules: all-linear}}: every agent
+                              # a LoRA adapter of that base (agents omit model), one engine and vLLM server for all
 
 :meth:`TeamConfig.from_config` raises :class:`TeamConfigError` on the first problem, with a message that names the
 dotted key, the offending value and what would be valid. The known keys of each level are the fields of its
@@ -54,6 +56,7 @@ __all__ = [
     "HandoffSpec",
     "ReplaceSpec",
     "REPLACE_METHODS",
+    "SharedBaseSpec",
     "TeamConfig",
     "ROUTER_KINDS",
     "PLACEMENTS",
@@ -229,6 +232,17 @@ class ReplaceSpec:
 
 
 @dataclass(frozen=True)
+class SharedBaseSpec:
+    """``teamtr.shared_base``: every agent a LoRA adapter of one base model, one training engine and one vLLM
+    replica set for the whole team (each agent keeps its own adapter, optimizer state, lr, δ and β)."""
+
+    model: str
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: Any = "all-linear"  # a string (PEFT's "all-linear") or a tuple of module names
+
+
+@dataclass(frozen=True)
 class TeamConfig:
     agents: tuple[AgentSpec, ...]
     router: RouterSpec = RouterSpec()
@@ -255,6 +269,7 @@ class TeamConfig:
     on_nonfinite: str = "error"  # a non-finite loss, KL or grad norm: stop (error) or skip the update and count it
     save_every_update: bool = False  # checkpoint after each update that the next one regenerates for, and every stage
     replace: Optional[ReplaceSpec] = None  # on resume: one agent's model swapped (agents already show the new one)
+    shared_base: Optional[SharedBaseSpec] = None  # every agent a LoRA adapter on this one base model
 
     def regenerates_before(self, update_index: int) -> bool:
         """Whether the team's rollouts are regenerated before the ``update_index``-th agent update of a stage."""
@@ -331,7 +346,7 @@ def validate_placement(
     device, so their sum must equal the count. ``colocate`` time-shares all devices between the agents and ignores
     ``n_devices``. ``available_from`` names where the count came from.
     """
-    if team.placement != "split":
+    if team.placement != "split" or team.shared_base is not None:  # a shared base spans every device
         return
     needed = sum(agent.n_devices for agent in team.agents)
     per_agent = ", ".join(f"{agent.name}: {agent.n_devices}" for agent in team.agents)
@@ -445,7 +460,11 @@ def _parse_team(block: Any, prefix: str, check_paths: bool) -> TeamConfig:
     block = _mapping(block, prefix)
     _reject_unknown_keys(block, TeamConfig, prefix)
 
-    agents = _parse_agents(block.get("agents"), f"{prefix}.agents", check_paths)
+    shared_base = None
+    if block.get("shared_base") is not None:
+        shared_base = _parse_shared_base(block["shared_base"], f"{prefix}.shared_base", check_paths)
+    agents = _parse_agents(block.get("agents"), f"{prefix}.agents", check_paths,
+                           shared_model=shared_base.model if shared_base else None)
     if not any(agent.train for agent in agents):
         raise TeamConfigError(f"{prefix}.agents: every agent has train: false; at least one agent must be trained")
     names = [agent.name for agent in agents]
@@ -459,12 +478,74 @@ def _parse_team(block: Any, prefix: str, check_paths: bool) -> TeamConfig:
     beta_init = _positive(block.get("beta_init", TeamConfig.beta_init), f"{prefix}.beta_init")
     replace = None
     if block.get("replace") is not None:
+        if shared_base is not None:
+            raise _fail(f"{prefix}.replace", block["replace"], f"is not supported with {prefix}.shared_base yet: a "
+                                                               "swapped agent would need a model of its own")
         replace = _parse_replace(block["replace"], f"{prefix}.replace", agents, check_paths)
         agents = [_swapped(agent, replace) if agent.name == replace.agent else agent for agent in agents]
     return TeamConfig(
         agents=tuple(agents), router=router, handoff=handoff, placement=placement, delta=delta, beta_init=beta_init,
-        replace=replace, **_parse_stage_loop(block, prefix),
+        replace=replace, shared_base=shared_base, **_parse_stage_loop(block, prefix),
     )
+
+
+# the LoRA ranks vLLM 0.31 serves (vllm/config/lora.py, MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# what one engine holds for the whole team: per-agent optimizer settings other than the lr cannot differ
+SHARED_ENGINE_ACTOR_KEYS = ("strategy", "fsdp_config", "checkpoint")
+
+
+def _parse_shared_base(entry: Any, key: str, check_paths: bool) -> SharedBaseSpec:
+    entry = _mapping(entry, key)
+    unknown = sorted(set(entry) - {"model", "lora"})
+    if unknown:
+        raise _fail(f"{key}.{unknown[0]}", entry[unknown[0]], "is not a known key: use model and lora")
+    if entry.get("model") is None:
+        raise TeamConfigError(f"{key}.model is missing: the local directory of the base model every agent shares")
+    model = _string(entry["model"], f"{key}.model")
+    if check_paths:
+        _check_model_dir(model, f"{key}.model")
+    lora = _mapping(entry.get("lora"), f"{key}.lora", allow_none=True)
+    unknown = sorted(set(lora) - {"rank", "alpha", "target_modules"})
+    if unknown:
+        raise _fail(f"{key}.lora.{unknown[0]}", lora[unknown[0]], "is not a known key: use rank, alpha, "
+                                                                  "target_modules")
+    rank = _integer(lora.get("rank", SharedBaseSpec.lora_rank), f"{key}.lora.rank", minimum=1)
+    if rank not in VLLM_LORA_RANKS:
+        raise _fail(f"{key}.lora.rank", rank, f"is not a LoRA rank vLLM serves: choose one of {VLLM_LORA_RANKS}")
+    targets = lora.get("target_modules", SharedBaseSpec.target_modules)
+    if isinstance(targets, Sequence) and not isinstance(targets, str):
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise _fail(f"{key}.lora.target_modules", targets, "must be 'all-linear' or a list of module names")
+        targets = tuple(targets)
+    elif not isinstance(targets, str) or not targets:
+        raise _fail(f"{key}.lora.target_modules", targets, "must be 'all-linear' or a list of module names")
+    return SharedBaseSpec(model=model, lora_rank=rank,
+                          lora_alpha=_positive(lora.get("alpha", SharedBaseSpec.lora_alpha), f"{key}.lora.alpha"),
+                          target_modules=targets)
+
+
+def _check_shared_agent(entry: Mapping, key: str, shared_model: str) -> None:
+    """An agent of a shared-base team: the team's base, trained, no engine-level settings of its own."""
+    model = entry.get("model")
+    if model is not None and os.path.realpath(str(model)) != os.path.realpath(shared_model):
+        raise _fail(f"{key}.model", model, f"differs from teamtr.shared_base.model={shared_model!r}: every agent of a "
+                                           "shared-base team is an adapter of that model (omit the key)")
+    if entry.get("train") is False:
+        raise _fail(f"{key}.train", False, "is not supported with teamtr.shared_base yet: every agent is trained")
+    if entry.get("n_devices") not in (None, 1):
+        raise _fail(f"{key}.n_devices", entry["n_devices"], "does nothing with teamtr.shared_base: the one engine "
+                                                            "spans every device; remove it")
+    actor = entry.get("actor") or {}
+    for engine_key in SHARED_ENGINE_ACTOR_KEYS:
+        if engine_key in actor:
+            raise _fail(f"{key}.actor.{engine_key}", actor[engine_key], "is the team's one engine's with "
+                        "teamtr.shared_base: set it in actor_rollout_ref.actor")
+    optim = actor.get("optim") or {}
+    other = sorted(set(optim) - {"lr"})
+    if other:
+        raise _fail(f"{key}.actor.optim.{other[0]}", optim[other[0]], "is the team's one optimizer's with "
+                    "teamtr.shared_base (an agent may set only its lr): set it in actor_rollout_ref.actor.optim")
 
 
 def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: bool) -> ReplaceSpec:
@@ -620,13 +701,16 @@ def _parse_certificate(entry: Any, key: str) -> CertificateSpec:
     )
 
 
-def _parse_agents(entries: Any, key: str, check_paths: bool) -> list[AgentSpec]:
+def _parse_agents(entries: Any, key: str, check_paths: bool, shared_model: Optional[str] = None) -> list[AgentSpec]:
     if entries is None or (isinstance(entries, Sequence) and not isinstance(entries, str) and len(entries) == 0):
         raise _fail(key, entries, "is empty: list at least one agent, e.g. [{name: solver, model: /path/to/model}]")
     if isinstance(entries, (str, Mapping)) or not isinstance(entries, Sequence):
         raise _fail(key, entries, "must be a list of agents, e.g. [{name: solver, model: /path/to/model}]")
     agents: list[AgentSpec] = []
     for index, entry in enumerate(entries):
+        if shared_model is not None:
+            _check_shared_agent(_mapping(entry, f"{key}[{index}]"), f"{key}[{index}]", shared_model)
+            entry = {**entry, "model": shared_model}
         agents.append(_parse_agent(entry, f"{key}[{index}]", check_paths))
         names = [agent.name for agent in agents]
         if names.count(names[-1]) > 1:

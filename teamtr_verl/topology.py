@@ -25,6 +25,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from teamtr_verl.config import INCOMING_SUFFIX, AgentSpec, TeamConfig
+from teamtr_verl.watchdog import SHARED_BASE_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,30 @@ def agent_trainer_config(base: DictConfig, agent: AgentSpec) -> DictConfig:
     return config
 
 
+def shared_base_config(base: DictConfig, team: TeamConfig) -> DictConfig:
+    """The trainer config of a shared-base team's one stack: the base model with a LoRA adapter of the team's rank
+    (the engine reads ``model.lora_rank``, vLLM's server too), and one resident vLLM adapter per agent."""
+    shared = team.shared_base
+    config = copy.deepcopy(base)
+    with open_dict(config):
+        model = config.actor_rollout_ref.model
+        model.path = shared.model
+        model.lora_rank, model.lora_alpha = shared.lora_rank, shared.lora_alpha
+        model.target_modules = shared.target_modules
+        rollout = config.actor_rollout_ref.rollout
+        rollout.engine_kwargs = OmegaConf.merge(rollout.get("engine_kwargs") or {},
+                                                {"vllm": {"max_loras": len(team.agents)}})
+    return config
+
+
+def adapter_ids(team: TeamConfig) -> dict[str, int]:
+    """Each agent's vLLM adapter id, in team order (verl's own sync removes id 123 first: stay clear of it)."""
+    return {agent.name: ADAPTER_ID_BASE + index for index, agent in enumerate(team.agents)}
+
+
+ADAPTER_ID_BASE = 1000
+
+
 def stacks_team(team: TeamConfig, stage0: bool) -> TeamConfig:
     """The agents a run builds stacks for: the team, or, while a Stage-0 aligned swap is to be done, the team as the
     checkpoint holds it (the incumbent in its place) plus the incoming model as one more agent, last, named
@@ -70,8 +95,8 @@ def replicas_per_agent(config: DictConfig, n_devices: int) -> int:
 
 def colocate_count(team: TeamConfig) -> int:
     """Processes a device bundle may host (verl's ``max_colocate_count``): one agent's worker in ``split`` (verl's
-    default slack of 3), every agent's worker plus one in ``colocate``."""
-    return 3 if team.placement == "split" else max(3, len(team.agents) + 1)
+    default slack of 3), every agent's worker plus one in ``colocate``; the one worker of a shared base."""
+    return 3 if team.placement == "split" or team.shared_base is not None else max(3, len(team.agents) + 1)
 
 
 def bundle_cpus_per_node(config: DictConfig, team: TeamConfig) -> int:
@@ -82,6 +107,8 @@ def bundle_cpus_per_node(config: DictConfig, team: TeamConfig) -> int:
 
 def replica_rank_offsets(config: DictConfig, team: TeamConfig) -> dict[str, int]:
     """First global replica rank of each agent: the replica counts of the agents before it, in team order."""
+    if team.shared_base is not None:  # one replica set, every agent's
+        return {agent.name: 0 for agent in team.agents}
     offsets, next_rank = {}, 0
     for agent in team.agents:
         offsets[agent.name] = next_rank
@@ -90,8 +117,9 @@ def replica_rank_offsets(config: DictConfig, team: TeamConfig) -> dict[str, int]
 
 
 def agent_devices(config: DictConfig, team: TeamConfig, agent: AgentSpec) -> int:
-    """Devices an agent's workers span: its own share in ``split``, every device in ``colocate``."""
-    if team.placement == "split":
+    """Devices an agent's workers span: its own share in ``split``, every device in ``colocate`` (and with a shared
+    base, where the one stack is every agent's)."""
+    if team.placement == "split" and team.shared_base is None:
         return agent.n_devices
     return config.trainer.n_gpus_per_node * config.trainer.nnodes
 
@@ -108,6 +136,27 @@ def expected_server_names(config: DictConfig, team: TeamConfig) -> dict[str, lis
     }
 
 
+class AdapterView:
+    """Agent ``name``'s view of a shared-base team's one worker group: every call first makes that agent's adapter
+    slot the live one (``activate_adapter``, a no-op when it already is), so whatever verl or the stage loop asks of
+    an agent's workers -- log-probs, an update, a snapshot, a sync, a checkpoint -- runs on that agent's adapter and
+    optimizer state, never on whichever agent happened to be live."""
+
+    def __init__(self, worker_group, name: str):
+        self._worker_group, self.agent = worker_group, name
+
+    def __getattr__(self, attribute):
+        value = getattr(self._worker_group, attribute)
+        if not callable(value) or attribute.startswith("_") or attribute == "activate_adapter":
+            return value
+
+        def on_this_agents_adapter(*args, **kwargs):
+            self._worker_group.activate_adapter(self.agent)  # blocking: the call below runs after the swap
+            return value(*args, **kwargs)
+
+        return on_this_agents_adapter
+
+
 @dataclass
 class AgentStack:
     """Everything that serves and trains one agent."""
@@ -118,14 +167,20 @@ class AgentStack:
     server_manager: object  # AgentLLMServerManager (FrozenLLMServerManager for a frozen agent)
     checkpoint_manager: object  # CheckpointEngineManager: pushes the actor's weights into its own replicas; or None
     replica_rank_offset: int
+    adapter_id: Optional[int] = None  # shared base: the vLLM adapter id of this agent (its requests and syncs)
 
     @property
     def trained(self) -> bool:
         return self.worker_group is not None
 
     def client(self):
-        """An ``LLMServerClient`` whose load balancer knows only this agent's servers."""
-        return self.server_manager.get_client()
+        """An ``LLMServerClient`` whose load balancer knows only this agent's servers (shared base: the team's, every
+        request naming this agent's adapter)."""
+        if self.adapter_id is None:
+            return self.server_manager.get_client()
+        from teamtr_verl.multilora_server import AdapterLLMServerClient
+
+        return self.server_manager.get_client(AdapterLLMServerClient, lora_name=self.name, lora_int_id=self.adapter_id)
 
 
 def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_rollout") -> dict[str, AgentStack]:
@@ -142,6 +197,8 @@ def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_r
 
     from teamtr_verl.workers import AgentLLMServerManager, FrozenLLMServerManager, TeamActorRolloutRefWorker
 
+    if team.shared_base is not None:
+        return build_shared_stacks(config, team, role)
     n_total = config.trainer.n_gpus_per_node * config.trainer.nnodes
     # Each bundle hosts one worker per agent in `colocate`: allow that many co-located processes per device.
     global_pool = RayResourcePool(
@@ -191,6 +248,50 @@ def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_r
         stacks[agent.name] = AgentStack(agent.name, agent_config, worker_group, server_manager, checkpoint_manager, offset)
     check_server_names(config, team)
     return stacks
+
+
+def build_shared_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_rollout") -> dict[str, AgentStack]:
+    """A shared-base team: one worker group (the base, one live LoRA adapter, a parked slot per agent), one vLLM
+    replica set holding every agent's adapter, and per agent an :class:`AgentStack` of views on them: its calls run on
+    its adapter (:class:`AdapterView`), its client's requests name its adapter, its syncs push only its adapter."""
+    import ray
+    from verl.checkpoint_engine import CheckpointEngineManager
+    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+    from verl.single_controller.ray.base import create_colocated_worker_cls
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from teamtr_verl.multilora_server import MultiLoRAVLLMReplica
+    from teamtr_verl.workers import AgentLLMServerManager, TeamActorRolloutRefWorker
+
+    shared_config = shared_base_config(config, team)
+    pool = RayResourcePool([config.trainer.n_gpus_per_node] * config.trainer.nnodes, use_gpu=True,
+                           name_prefix="teamtr_", max_colocate_count=colocate_count(team))
+    _check_bundles_fit(config, team)
+    worker_cls = RayClassWithInitArgs(cls=ray.remote(TeamActorRolloutRefWorker),
+                                      config=shared_config.actor_rollout_ref, distillation_config=None, role=role)
+    worker_group = RayWorkerGroup(
+        resource_pool=pool, ray_cls_with_init=create_colocated_worker_cls(class_dict={role: worker_cls}),
+        device_name=config.trainer.device, name_prefix=SHARED_BASE_PREFIX,
+    ).spawn(prefix_set={role})[role]
+    worker_group.init_model()
+    ids = adapter_ids(team)
+    lrs = {agent.name: agent.actor["optim"]["lr"] for agent in team.agents if "lr" in agent.actor.get("optim", {})}
+    worker_group.init_adapter_slots(ids, lrs)
+    server_manager = AgentLLMServerManager.create(config=shared_config, worker_group=worker_group,
+                                                  rollout_resource_pool=pool, rank_offset=0,
+                                                  replica_cls=MultiLoRAVLLMReplica)
+    engine_config = omega_conf_to_dataclass(shared_config.actor_rollout_ref.rollout.checkpoint_engine)
+    engine_config.backend = "naive"  # colocated actor and rollout, as verl's v1 trainer forces
+    stacks = {}
+    for agent in team.agents:
+        view = AdapterView(worker_group, agent.name)
+        syncs = CheckpointEngineManager(config=engine_config, actor_wg=view, replicas=server_manager.get_replicas())
+        stacks[agent.name] = AgentStack(agent.name, agent_trainer_config(shared_config, agent), view, server_manager,
+                                        syncs, 0, adapter_id=ids[agent.name])
+    logger.info("teamtr: shared base %s, adapters %s", team.shared_base.model, ids)
+    check_server_names(config, team)
+    return stacks
+
 
 
 def _check_bundles_fit(config: DictConfig, team: TeamConfig) -> None:

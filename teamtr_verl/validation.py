@@ -91,9 +91,31 @@ def validate_teamtr_config(config: DictConfig) -> TeamConfig:
                                   f"actor_rollout_ref.rollout.response_length={rollout.response_length}: every "
                                   "message is padded to that length; lower the cap or raise data.max_response_length")
     validate_chat_templates(config, team)
+    validate_shared_base(config, team)
     for key in DATA_FILE_KEYS:
         _check_data_files(key, config.data.get(key.split(".", 1)[1]))
     return team
+
+
+def validate_shared_base(config: DictConfig, team: TeamConfig) -> None:
+    """A shared-base team (``teamtr.shared_base``): one vLLM engine keeps every agent's adapter resident, and no
+    second copy of the base is built for a reference policy."""
+    if team.shared_base is None:
+        return
+    actor_rollout_ref = config.actor_rollout_ref
+    vllm_kwargs = (actor_rollout_ref.rollout.get("engine_kwargs") or {}).get("vllm") or {}
+    max_loras = vllm_kwargs.get("max_loras")
+    if max_loras is not None and max_loras < len(team.agents):
+        raise TeamConfigError(f"actor_rollout_ref.rollout.engine_kwargs.vllm.max_loras={max_loras!r} is smaller than "
+                              f"the team ({len(team.agents)} agents): every agent's adapter must stay resident; "
+                              "remove the key (teamtr sets it to the team's size)")
+    if actor_rollout_ref.actor.get("use_kl_loss"):
+        raise TeamConfigError("actor_rollout_ref.actor.use_kl_loss=True is not supported with teamtr.shared_base: "
+                              "the trust region is the teamtr loss's KL to each agent's own π_cur; set it to false")
+    rank = actor_rollout_ref.model.get("lora_rank") or 0
+    if rank not in (0, team.shared_base.lora_rank):
+        raise TeamConfigError(f"actor_rollout_ref.model.lora_rank={rank!r} differs from teamtr.shared_base.lora.rank="
+                              f"{team.shared_base.lora_rank}: set the rank in teamtr.shared_base.lora only")
 
 
 def validate_resume(config: DictConfig, team: TeamConfig) -> bool:

@@ -22,7 +22,10 @@ POLL_S = 2.0
 GRACE_S = 10.0  # after a stage's error: how long Ray may take to mark a killed actor DEAD (seen: up to a few seconds)
 AGENT_LOOP = "the team's agent loop"  # verl's agent-loop workers run every agent's turns: no one agent owns them
 REWARD_LOOP = "the team's reward loop"  # verl's reward-loop workers score every episode
-SHARED = {"agent_loop_worker_": AGENT_LOOP, "reward_loop_worker_": REWARD_LOOP}  # actor name prefix -> label
+SHARED_BASE = "the team's shared base model"  # teamtr.shared_base: one worker group trains every agent's adapter
+SHARED_BASE_PREFIX = "teamtr__base_"  # its workers' names: no agent's prefix (teamtr_<agent>_, a name starts with a letter)
+SHARED = {"agent_loop_worker_": AGENT_LOOP, "reward_loop_worker_": REWARD_LOOP,
+          SHARED_BASE_PREFIX: SHARED_BASE}  # actor name prefix -> label
 
 
 def agent_actor_names(table: Iterable[Mapping], job_id: str, agent_names: Iterable[str],

@@ -39,6 +39,39 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         return new_rank
 
 
+    # -- shared-base teams (teamtr.shared_base): one LoRA adapter per agent on this one engine --------------------
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_adapter_slots(self, adapter_ids: dict[str, int], lrs: dict[str, float] | None = None) -> str:
+        """One adapter slot per agent (``{agent: vLLM adapter id}``, team order), each a copy of the fresh adapter
+        (``lora_B = 0``: every agent starts as the base model), with the agent's own learning rate where ``lrs``
+        gives one; the first agent's is live. From now on a weight sync pushes the live adapter under its agent's id
+        and name (and the base once, as verl does). Returns the live agent."""
+        from teamtr_verl.adapter_slots import AdapterSlots
+
+        engine = self.actor.engine
+        self._teamtr_slots = AdapterSlots(engine.module, engine.optimizer, engine.lr_scheduler)
+        for name in adapter_ids:
+            self._teamtr_slots.add(name, lr=(lrs or {}).get(name))
+        self._teamtr_adapter_ids = dict(adapter_ids)
+        self._teamtr_slots.activate(next(iter(adapter_ids)))
+        send = self.rollout.update_weights
+
+        async def update_weights(weights, global_steps=None, **kwargs):
+            # verl's ServerAdapter passes extra keywords on to the vLLM workers' update_weights_from_ipc
+            name = self._teamtr_slots.active
+            return await send(weights, global_steps=global_steps, lora_int_id=self._teamtr_adapter_ids[name],
+                              lora_name=name, **kwargs)
+
+        self.rollout.update_weights = update_weights  # this instance's: verl's update_weights calls it unchanged
+        return self._teamtr_slots.active
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def activate_adapter(self, name: str) -> str:
+        """Make agent ``name``'s adapter, optimizer and lr-scheduler state the live ones (a no-op if they are);
+        the previous agent's are parked exactly. Every call of an agent's worker-group view comes after this one."""
+        self._teamtr_slots.activate(name)
+        return name
+
     # -- the actor's weights, rank-locally (each FSDP rank keeps its own shard) -------------------------------------
     def _local_actor_tensors(self):
         # the trainable ones: all of them in full fine-tuning; a LoRA actor's adapter, not its frozen base (#14)
@@ -55,6 +88,16 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
             if state:
                 yield name, {key: value.to_local() if hasattr(value, "to_local") else value
                              for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+    def _live_adapter(self):
+        slots = getattr(self, "_teamtr_slots", None)
+        return slots.active if slots is not None else None
+
+    def _check_snapshot_owner(self) -> None:
+        # shared base: a snapshot holds one agent's adapter; blending it into another's would mix two agents
+        if self._teamtr_snapshot_of != self._live_adapter():
+            raise RuntimeError(f"the trust-region snapshot is agent {self._teamtr_snapshot_of!r}'s, but agent "
+                               f"{self._live_adapter()!r}'s adapter is live")
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def scale_optimizer_momentum(self, alpha: float) -> int:
@@ -75,6 +118,7 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         Also forgets the proposal of the previous update (see :meth:`blend_actor_weights`).
         """
         self._teamtr_snapshot = {name: t.detach().to("cpu", copy=True) for name, t in self._local_actor_tensors()}
+        self._teamtr_snapshot_of = self._live_adapter()
         self._teamtr_proposal = None
         # the optimizer too: a given-up update must leave no trace in Adam's moments or the lr schedule
         self._teamtr_optim_snapshot = {name: {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
@@ -94,6 +138,7 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         snapshot = getattr(self, "_teamtr_snapshot", None)
         if snapshot is None:
             raise RuntimeError("blend_actor_weights called before snapshot_actor_weights")
+        self._check_snapshot_owner()
         if self._teamtr_proposal is None:
             self._teamtr_proposal = {name: t.detach().to("cpu", copy=True) for name, t in self._local_actor_tensors()}
         blended = 0
@@ -111,6 +156,7 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
         snapshot = getattr(self, "_teamtr_snapshot", None)
         if snapshot is None:
             raise RuntimeError("restore_actor_weights called before snapshot_actor_weights")
+        self._check_snapshot_owner()
         restored = 0
         with torch.no_grad():
             for name, tensor in self._local_actor_tensors():
@@ -277,8 +323,8 @@ class AgentLLMServerManager(LLMServerManager):
     Uses verl's own hook for recipes: ``rollout_replica_class`` set before ``LLMServerManager.__init__``.
     """
 
-    def __init__(self, *args, rank_offset: int = 0, **kwargs):
-        self.rollout_replica_class = functools.partial(OffsetVLLMReplica, rank_offset=rank_offset)
+    def __init__(self, *args, rank_offset: int = 0, replica_cls=OffsetVLLMReplica, **kwargs):
+        self.rollout_replica_class = functools.partial(replica_cls, rank_offset=rank_offset)
         super().__init__(*args, start_rank=rank_offset, **kwargs)
 
 

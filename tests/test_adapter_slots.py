@@ -154,3 +154,24 @@ def test_an_optimizer_over_every_parameter_as_verls_engine_builds_it_swaps_the_s
     optimizer.state[base] = {"exp_avg": torch.zeros_like(base)}
     with pytest.raises(RuntimeError, match="1 frozen .* parameters have optimizer state"):
         slots.activate("bob")
+
+
+def test_an_agents_own_lr_is_used_on_its_slot_and_follows_the_schedule():
+    """Slots added with lr=0.01 and lr=None: a's steps run at 0.01 × the schedule's factor, b's at the team's 0.05 ×
+    the same factor; LambdaLR(1/(1+step)) after one step has factor 1/2 (worked out: a 0.005, b 0.025)."""
+    model = lora_model()
+    optimizer, scheduler = training_setup(model, lr=0.05)
+    train_step(model, optimizer, scheduler, "warm", 0)  # the schedule is at factor 1/2 now: lr 0.025
+    slots = AdapterSlots(model, optimizer, scheduler)
+    slots.add("a", lr=0.01)
+    slots.add("b")
+    slots.activate("a")
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    train_step(model, optimizer, scheduler, "a", 1)  # factor 1/3 after this step: 0.01 / 3
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 3)
+    slots.activate("b")
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    train_step(model, optimizer, scheduler, "b", 1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 / 3)
+    slots.activate("a")  # a's schedule went on from its own step, at its own base lr
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 3)

@@ -674,3 +674,43 @@ def test_replace_model_must_exist(models, tmp_path):
     missing = str(tmp_path / "nowhere")
     message = _error(_block(models, replace={"agent": "solver", "model": missing}))
     assert message.startswith(f"teamtr.replace.model={missing!r}")
+
+
+# ------------------------------------------------------------------------------------------------ shared base
+
+
+def _shared(models, lora=None, **agent_keys):
+    agents = [{"name": "planner", **agent_keys}, {"name": "solver"}]
+    return {"agents": agents, "shared_base": {"model": models["planner"], **({"lora": lora} if lora else {})}}
+
+
+def test_a_shared_base_team_gives_every_agent_the_base_model(models):
+    team = TeamConfig.from_config(_shared(models, lora={"rank": 16, "alpha": 32, "target_modules": ["q_proj"]},
+                                          model=models["planner"]))
+    assert [agent.model for agent in team.agents] == [models["planner"]] * 2
+    shared = team.shared_base
+    assert (shared.model, shared.lora_rank, shared.lora_alpha, shared.target_modules) == (
+        models["planner"], 16, 32, ("q_proj",))
+    assert TeamConfig.from_config(_shared(models)).shared_base.target_modules == "all-linear"
+
+
+@pytest.mark.parametrize("lora, agent_keys, key, value", [
+    ({"rank": 12}, {}, "teamtr.shared_base.lora.rank", "12"),  # vLLM serves 1, 8, 16, 32, ...
+    ({"dropout": 0.1}, {}, "teamtr.shared_base.lora.dropout", "0.1"),
+    ({"target_modules": []}, {}, "teamtr.shared_base.lora.target_modules", "[]"),
+    (None, {"train": False}, "teamtr.agents[0].train", "False"),
+    (None, {"n_devices": 2}, "teamtr.agents[0].n_devices", "2"),
+    (None, {"actor": {"optim": {"betas": [0.9, 0.99]}}}, "teamtr.agents[0].actor.optim.betas", "[0.9, 0.99]"),
+    (None, {"actor": {"fsdp_config": {}}}, "teamtr.agents[0].actor.fsdp_config", "{}"),
+])
+def test_shared_base_errors_name_the_key_and_value(models, lora, agent_keys, key, value):
+    message = _error(_shared(models, lora=lora, **agent_keys))
+    assert message.startswith(key) and value in message
+
+
+def test_a_shared_base_agent_naming_another_model_or_a_swap_is_refused(models):
+    message = _error(_shared(models, model=models["solver"]))
+    assert message.startswith("teamtr.agents[0].model") and models["solver"] in message and "shared_base" in message
+    block = {**_shared(models), "replace": {"agent": "solver", "model": models["critic"], "incumbent": models["planner"]}}
+    assert _error(block).startswith("teamtr.replace")
+    assert _error({"agents": [{"name": "a"}], "shared_base": {}}).startswith("teamtr.shared_base.model is missing")

@@ -1,6 +1,7 @@
 """Per-agent topology arithmetic and the pre-flight checks of the rollout CLI (no Ray)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,11 +11,14 @@ from teamtr_verl.config import TeamConfig
 from teamtr_verl.fixtures import build_tiny_model
 from teamtr_verl.rollout import CONFIG_DIR, compose
 from teamtr_verl.topology import (
+    AdapterView,
     _check_bundles_fit,
+    adapter_ids,
     agent_trainer_config,
     bundle_cpus_per_node,
     expected_server_names,
     replica_rank_offsets,
+    shared_base_config,
     stacks_team,
 )
 
@@ -136,6 +140,64 @@ def test_rollout_cli_rejects_bad_teams_before_ray_starts(model_dirs, override, e
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr
     assert "Traceback" not in result.stderr and "ray" not in result.stderr.lower().split("teamtr-verl:")[0]
+
+
+def test_a_shared_base_team_is_one_lora_stack_whose_servers_every_agent_uses(model_dirs):
+    """Three agents on m0's weights: one replica set (offset 0 for all), the engine's LoRA keys from
+    teamtr.shared_base, one resident vLLM adapter per agent, adapter ids 1000 + team index."""
+    config = compose_team(model_dirs, extra_overrides=[
+        f"teamtr.shared_base={{model: '{model_dirs[0]}', lora: {{rank: 16, alpha: 8}}}}",
+        "teamtr.agents=[{name: a0}, {name: a1, actor: {optim: {lr: 0.5}}}, {name: a2}]"])
+    team = TeamConfig.from_config(config.teamtr)
+    assert replica_rank_offsets(config, team) == {"a0": 0, "a1": 0, "a2": 0}
+    # 4 devices, tp 1: the one stack's 4 replicas serve everyone
+    servers = [f"vllm_server_{r}_0" for r in range(4)]
+    assert expected_server_names(config, team) == {"a0": servers, "a1": servers, "a2": servers}
+    shared = shared_base_config(config, team)
+    model = shared.actor_rollout_ref.model
+    assert (model.path, model.lora_rank, model.lora_alpha, model.target_modules) == (str(model_dirs[0]), 16, 8,
+                                                                                     "all-linear")
+    assert shared.actor_rollout_ref.rollout.engine_kwargs.vllm.max_loras == 3
+    assert config.actor_rollout_ref.model.lora_rank == 0  # the team's config is left as it was
+    assert adapter_ids(team) == {"a0": 1000, "a1": 1001, "a2": 1002}
+    assert agent_trainer_config(shared, team.agent("a1")).actor_rollout_ref.actor.optim.lr == 0.5
+
+
+def test_an_agents_view_of_the_shared_workers_activates_its_adapter_before_every_call():
+    calls = []
+
+    class Workers:
+        world_size = 2
+
+        def activate_adapter(self, name):
+            calls.append(("activate", name))
+
+        def update_actor(self, batch):
+            calls.append(("update_actor", batch))
+            return "done"
+
+    workers = Workers()
+    alice, bob = AdapterView(workers, "alice"), AdapterView(workers, "bob")
+    assert alice.update_actor("b1") == "done" and alice.world_size == 2
+    bob.update_actor("b2")
+    assert calls == [("activate", "alice"), ("update_actor", "b1"), ("activate", "bob"), ("update_actor", "b2")]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("+actor_rollout_ref.rollout.engine_kwargs.vllm.max_loras=2",
+     "actor_rollout_ref.rollout.engine_kwargs.vllm.max_loras=2 is smaller than the team (3 agents)"),
+    ("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.use_kl_loss=True is not supported"),
+    ("actor_rollout_ref.model.lora_rank=32", "actor_rollout_ref.model.lora_rank=32 differs"),
+])
+def test_shared_base_conflicts_with_the_trainer_config_are_refused_before_ray(model_dirs, override, expected):
+    from teamtr_verl.config import TeamConfigError
+    from teamtr_verl.validation import validate_shared_base
+
+    config = compose_team(model_dirs, extra_overrides=[
+        f"teamtr.shared_base={{model: '{model_dirs[0]}'}}", "teamtr.agents=[{name: a0}, {name: a1}, {name: a2}]",
+        override])
+    with pytest.raises(TeamConfigError, match=re.escape(expected)):
+        validate_shared_base(config, TeamConfig.from_config(config.teamtr))
 
 
 RELEASE_PROBE = r"""
