@@ -238,7 +238,7 @@ class SharedBaseSpec:
 
     model: str
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16  # verl's HFModelConfig.lora_alpha is an int
     target_modules: Any = "all-linear"  # a string (PEFT's "all-linear") or a tuple of module names
 
 
@@ -521,7 +521,8 @@ def _parse_shared_base(entry: Any, key: str, check_paths: bool) -> SharedBaseSpe
     elif not isinstance(targets, str) or not targets:
         raise _fail(f"{key}.lora.target_modules", targets, "must be 'all-linear' or a list of module names")
     return SharedBaseSpec(model=model, lora_rank=rank,
-                          lora_alpha=_positive(lora.get("alpha", SharedBaseSpec.lora_alpha), f"{key}.lora.alpha"),
+                          lora_alpha=_integer(lora.get("alpha", SharedBaseSpec.lora_alpha), f"{key}.lora.alpha",
+                                              minimum=1),
                           target_modules=targets)
 
 

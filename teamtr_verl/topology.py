@@ -290,6 +290,8 @@ def build_shared_stacks(config: DictConfig, team: TeamConfig, role: str = "actor
                                         syncs, 0, adapter_id=ids[agent.name])
     logger.info("teamtr: shared base %s, adapters %s", team.shared_base.model, ids)
     check_server_names(config, team)
+    for stack in stacks.values():  # every adapter resident before any turn (the first sync also sends the base)
+        stack.checkpoint_manager.update_weights()
     return stacks
 
 
