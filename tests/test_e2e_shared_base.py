@@ -4,9 +4,11 @@ model, one FSDP worker group and one vLLM server, through real Ray, verl and vll
 * the rollout CLI: syncing alice's adapter changes alice's greedy outputs and leaves bob's bit-identical, and vice
   versa (both served by the same vLLM engine); each turn's server log-probs are the base model's (fresh adapters:
   lora_B = 0);
-* the stock entry point (``main_ppo``, ``trainer.v1.trainer_mode=teamtr``): two stages train both adapters, each
-  agent's turns are scored by its own adapter in the actor as the server sampled them (``rollout_probs_diff_max``),
-  every committed update stays inside δ, and the checkpoint of each agent holds its own adapter.
+* the stock entry point (``main_ppo``, ``trainer.v1.trainer_mode=teamtr``), one stage in which bob's δ lets no
+  update through: alice's adapter moves inside δ, bob's stays the fresh one bit for bit, the base is untouched, and
+  each agent's turns are scored by its own adapter in the actor as the shared server sampled them
+  (``rollout_probs_diff_max``); resumed for a stage that commits nothing, every agent saves exactly the adapter,
+  Adam state and schedule it loaded (per agent: ``global_step_N/<agent>/``).
 """
 
 import json
@@ -25,7 +27,6 @@ from teamtr_verl.runs import run_main_ppo
 pytestmark = pytest.mark.e2e
 
 CONFIG_DIR = Path(teamtr_verl.__file__).parent / "configs"
-DELTA = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -74,21 +75,89 @@ def test_two_adapters_on_one_server_are_synced_in_isolation(base_and_data, tmp_p
             assert gap < 0.05, (message["agent"], gap)  # fresh adapters: each agent is the base model
 
 
-def test_main_ppo_trains_each_agents_own_adapter(base_and_data, tmp_path):
-    base, data = base_and_data
-    ckpt = tmp_path / "ckpt"
+def local_tensors(path: Path) -> dict:
+    """A verl FSDP checkpoint file (model or optimizer state) as plain tensors, flattened to dotted keys."""
+    loaded = torch.load(path, weights_only=False)
+
+    def flat(value, key=""):
+        if isinstance(value, dict):
+            return {k: v for name, item in value.items() for k, v in flat(item, f"{key}.{name}" if key else
+                                                                           str(name)).items()}
+        if isinstance(value, list):
+            return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{key}.{i}").items()}
+        if torch.is_tensor(value):
+            return {key: value.to_local() if hasattr(value, "to_local") else value}
+        return {key: value}
+
+    return flat(loaded)
+
+
+def run_shared(base, data, workdir: Path, *overrides: str) -> dict:
     result, rows = run_main_ppo("teamtr_tiny_cpu", [
-        *shared_overrides(base, data), "trainer.n_gpus_per_node=1", "trainer.total_training_steps=2",
-        "trainer.save_freq=2", f"trainer.default_local_dir={ckpt}", f"teamtr.delta={DELTA}",
-        "actor_rollout_ref.actor.optim.lr=0.02", "teamtr.max_backtracks=10",
-    ], tmp_path)
-    assert result.returncode == 0, f"see {tmp_path}/stderr.log\n{result.stderr[-4000:]}"
-    stages = {step: row for step, row in rows.items() if "teamtr/stage/return_mean" in row}
+        *shared_overrides(base, data), "trainer.n_gpus_per_node=1", "trainer.save_freq=1",
+        f"trainer.default_local_dir={workdir / 'ckpt'}", "actor_rollout_ref.actor.optim.lr=0.02",
+        "trainer.total_training_steps=2", "teamtr.delta=0.05", "teamtr.max_backtracks=10",
+        # bob's own learning rate 0: his updates run (on his adapter) and leave it where it was
+        "teamtr.agents=[{name: alice}, {name: bob, role_prompt: 'You answer.', actor: {optim: {lr: 0.0}}}]",
+        *overrides,
+    ], workdir)
+    assert result.returncode == 0, f"see {workdir}/stderr.log\n{result.stderr[-4000:]}"
+    return {step: row for step, row in rows.items() if "teamtr/stage/return_mean" in row}
+
+
+def saved(workdir: Path, stage: int, agent: str, kind: str = "model") -> dict:
+    return local_tensors(workdir / "ckpt" / f"global_step_{stage}" / agent / f"{kind}_world_size_1_rank_0.pt")
+
+
+@pytest.fixture(scope="module")
+def straight(base_and_data, tmp_path_factory):
+    """Two stages without a break, a checkpoint after each."""
+    workdir = tmp_path_factory.mktemp("shared_run")
+    return run_shared(*base_and_data, workdir), workdir
+
+
+def test_a_stage_updates_only_the_updated_agents_adapter(straight):
+    stages, workdir = straight
     assert sorted(stages) == [1, 2]
-    for metrics in stages.values():
-        for agent in ("alice", "bob"):
-            # the actor scored the agent's tokens with the agent's adapter, as the shared server sampled them
-            assert metrics[f"teamtr/{agent}/rollout_probs_diff_max"] < 1e-3, agent
-            if metrics[f"teamtr/{agent}/committed"]:
-                assert metrics[f"teamtr/{agent}/kl"] <= DELTA * (1 + 1e-6)
-    assert sum(metrics[f"teamtr/{agent}/committed"] for metrics in stages.values() for agent in ("alice", "bob")) >= 2
+    for stage, metrics in stages.items():
+        assert metrics["teamtr/alice/committed"] == 1.0 and metrics["teamtr/alice/kl"] <= 0.05 * (1 + 1e-6)
+        for agent in ("alice", "bob"):  # each agent's turns scored by its own adapter, as the shared server sampled
+            assert metrics[f"teamtr/{agent}/rollout_probs_diff_max"] < 1e-3, (stage, agent)
+        alice, bob = saved(workdir, stage, "alice"), saved(workdir, stage, "bob")
+        lora_b = [key for key in alice if ".lora_B." in key]
+        assert lora_b and all(not bob[key].any() for key in lora_b)  # bob's adapter: still the fresh one (lr 0)
+        assert any(alice[key].any() for key in lora_b)  # alice's moved
+        base_keys = [key for key in alice if "lora_" not in key]
+        assert base_keys and all(torch.equal(alice[key], bob[key]) for key in base_keys)
+    assert any(key.endswith(".exp_avg") for key in saved(workdir, 1, "bob", "optim"))  # bob's updates did run
+    # each agent's schedule at its own base lr (bob's teamtr.agents[1].actor.optim.lr, alice's the team's)
+    assert [saved(workdir, 2, agent, "extra_state")["lr_scheduler.base_lrs.0"] for agent in ("alice", "bob")] == [
+        0.02, 0.0]
+
+
+def test_a_resumed_shared_base_run_restores_every_agents_adapter_and_optimizer(straight, base_and_data, tmp_path):
+    """Resumed from the straight run's stage-1 checkpoint, stage 2 starts from exactly the straight run's state:
+    its first regeneration (sampled by the restored adapters on the shared server, with the stage's seeds) and the
+    actor's log-probs of it (the restored adapters in the actor) are the straight run's, and each agent's Adam step
+    counts and lr schedule continue from its own. Training itself is not bit-reproducible across the two processes
+    (alice's first-step gradient norms agree to ~5e-5 relative; a wrong agent's adapter would be ~4 % off)."""
+    _, straight_dir = straight
+    stages = run_shared(*base_and_data, tmp_path, "trainer.resume_mode=resume_path",
+                        f"trainer.resume_from_path={straight_dir / 'ckpt' / 'global_step_1'}")
+    assert sorted(stages) == [2]
+    resumed, uninterrupted = stages[2], straight[0][2]
+    for key in ("teamtr/stage/return_mean", "teamtr/alice/rollout_probs_diff_max", "teamtr/alice/messages"):
+        assert resumed[key] == uninterrupted[key], key
+    assert resumed["teamtr/alice/grad_norm"] == pytest.approx(uninterrupted["teamtr/alice/grad_norm"], rel=1e-3)
+    for agent in ("alice", "bob"):
+        ours, theirs = saved(tmp_path, 2, agent, "optim"), saved(straight_dir, 2, agent, "optim")
+        counters = [key for key in ours if key.endswith(".step") or key.startswith("param_groups.")]
+        assert counters and all(_same(ours[key], theirs[key]) for key in counters), agent
+        ours, theirs = saved(tmp_path, 2, agent, "extra_state"), saved(straight_dir, 2, agent, "extra_state")
+        schedule = [key for key in ours if key.startswith("lr_scheduler.")]
+        assert schedule and all(_same(ours[key], theirs[key]) for key in schedule), agent
+    assert not any(saved(tmp_path, 2, "bob")[key].any() for key in saved(tmp_path, 2, "bob") if ".lora_B." in key)
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
