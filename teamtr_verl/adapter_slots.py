@@ -122,3 +122,34 @@ class AdapterSlots:
         return Slot(params={name: self._park(p) for name, p in params.items()}, optimizer_state=optimizer_state,
                     lrs=[group["lr"] for group in self.optimizer.param_groups],
                     scheduler_state=copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None)
+
+
+def load_peft_adapter(path: str, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PEFT adapter directory's weights keyed and placed as the live adapter's parameters ``live`` (PEFT saves
+    ``...q_proj.lora_A.weight``; the live module names the adapter: ``...q_proj.lora_A.default.weight``; an FSDP2
+    parameter is a DTensor: the saved full tensor is sharded like it)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    file = os.path.join(path, "adapter_model.safetensors")
+    saved = load_file(file) if os.path.isfile(file) else torch.load(os.path.join(path, "adapter_model.bin"),
+                                                                     weights_only=True)
+    by_live_name = {}
+    for key, tensor in saved.items():
+        stem, _, leaf = key.rpartition(".")
+        by_live_name[f"{stem}.default.{leaf}"] = tensor
+    missing = sorted(set(live) - set(by_live_name))
+    extra = sorted(set(by_live_name) - set(live))
+    if missing or extra:
+        raise ValueError(f"adapter {path}: its modules differ from the team's LoRA adapter (missing {missing[:2]}, "
+                         f"not in the team's {extra[:2]}): save it with the same target_modules")
+    params = {}
+    for name, parameter in live.items():
+        tensor = by_live_name[name].to(parameter.dtype)
+        if hasattr(parameter, "device_mesh"):  # DTensor
+            from torch.distributed.tensor import distribute_tensor
+
+            tensor = distribute_tensor(tensor.to(parameter.device), parameter.device_mesh, parameter.placements)
+        params[name] = tensor
+    return params

@@ -15,6 +15,7 @@ Shape (YAML)::
           chat_template: null # a Jinja chat template replacing the tokenizer's (the team's message format for a new model)
           chat_template_kwargs: {}  # over data.apply_chat_template_kwargs, for this agent (e.g. enable_thinking: false)
           train: true         # false: a frozen agent (a fixed judge, a retriever): vLLM servers only, never updated
+          adapter_path: null  # teamtr.shared_base only: a PEFT LoRA adapter directory this agent starts from
           sampling: {}        # this agent's turns only (null keys: actor_rollout_ref.rollout's): temperature, top_p,
                               # top_k, max_new_tokens, stop: [strings], val_kwargs: {temperature, top_p, top_k}
       router: {kind: chain, turns: null, seed: 0, sequence: null}
@@ -161,6 +162,8 @@ class AgentSpec:
     # False: a frozen agent. It speaks through its own vLLM servers, loaded from ``model``, but has no actor and is
     # never updated: the stage loop, the certificate and checkpoints treat it as part of the environment.
     train: bool = True
+    # teamtr.shared_base only: a PEFT LoRA adapter directory (adapter_config.json + weights) this agent starts from
+    adapter_path: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -463,8 +466,7 @@ def _parse_team(block: Any, prefix: str, check_paths: bool) -> TeamConfig:
     shared_base = None
     if block.get("shared_base") is not None:
         shared_base = _parse_shared_base(block["shared_base"], f"{prefix}.shared_base", check_paths)
-    agents = _parse_agents(block.get("agents"), f"{prefix}.agents", check_paths,
-                           shared_model=shared_base.model if shared_base else None)
+    agents = _parse_agents(block.get("agents"), f"{prefix}.agents", check_paths, shared=shared_base)
     if not any(agent.train for agent in agents):
         raise TeamConfigError(f"{prefix}.agents: every agent has train: false; at least one agent must be trained")
     names = [agent.name for agent in agents]
@@ -524,6 +526,25 @@ def _parse_shared_base(entry: Any, key: str, check_paths: bool) -> SharedBaseSpe
                           lora_alpha=_integer(lora.get("alpha", SharedBaseSpec.lora_alpha), f"{key}.lora.alpha",
                                               minimum=1),
                           target_modules=targets)
+
+
+def _check_adapter_dir(path: str, key: str, shared: SharedBaseSpec) -> None:
+    """A PEFT LoRA adapter an agent of a shared-base team starts from: of the shared base, of the team's rank."""
+    import json
+
+    config_file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config_file):
+        raise _fail(key, path, "holds no adapter_config.json: give a PEFT LoRA adapter directory (save_pretrained)")
+    with open(config_file) as handle:
+        adapter = json.load(handle)
+    base = adapter.get("base_model_name_or_path")
+    if not base or os.path.realpath(str(base)) != os.path.realpath(shared.model):
+        raise _fail(key, path, f"is an adapter of base {base!r}, not of teamtr.shared_base.model={shared.model!r}")
+    if adapter.get("r") != shared.lora_rank:
+        raise _fail(key, path, f"has LoRA rank {adapter.get('r')!r}; the team's is teamtr.shared_base.lora.rank="
+                               f"{shared.lora_rank} (one engine trains every adapter at one rank)")
+    if not any(os.path.isfile(os.path.join(path, f"adapter_model.{ext}")) for ext in ("safetensors", "bin")):
+        raise _fail(key, path, "holds no adapter_model.safetensors (or .bin)")
 
 
 def _check_shared_agent(entry: Mapping, key: str, shared_model: str) -> None:
@@ -702,17 +723,25 @@ def _parse_certificate(entry: Any, key: str) -> CertificateSpec:
     )
 
 
-def _parse_agents(entries: Any, key: str, check_paths: bool, shared_model: Optional[str] = None) -> list[AgentSpec]:
+def _parse_agents(entries: Any, key: str, check_paths: bool,
+                  shared: Optional[SharedBaseSpec] = None) -> list[AgentSpec]:
     if entries is None or (isinstance(entries, Sequence) and not isinstance(entries, str) and len(entries) == 0):
         raise _fail(key, entries, "is empty: list at least one agent, e.g. [{name: solver, model: /path/to/model}]")
     if isinstance(entries, (str, Mapping)) or not isinstance(entries, Sequence):
         raise _fail(key, entries, "must be a list of agents, e.g. [{name: solver, model: /path/to/model}]")
     agents: list[AgentSpec] = []
     for index, entry in enumerate(entries):
-        if shared_model is not None:
-            _check_shared_agent(_mapping(entry, f"{key}[{index}]"), f"{key}[{index}]", shared_model)
-            entry = {**entry, "model": shared_model}
-        agents.append(_parse_agent(entry, f"{key}[{index}]", check_paths))
+        entry_key = f"{key}[{index}]"
+        if shared is not None:
+            _check_shared_agent(_mapping(entry, entry_key), entry_key, shared.model)
+            if entry.get("adapter_path") is not None and check_paths:
+                _check_adapter_dir(_string(entry["adapter_path"], f"{entry_key}.adapter_path"),
+                                   f"{entry_key}.adapter_path", shared)
+            entry = {**entry, "model": shared.model}
+        elif isinstance(entry, Mapping) and entry.get("adapter_path") is not None:
+            raise _fail(f"{entry_key}.adapter_path", entry["adapter_path"], "needs teamtr.shared_base (an agent with "
+                                                                             "a model of its own trains all of it)")
+        agents.append(_parse_agent(entry, entry_key, check_paths))
         names = [agent.name for agent in agents]
         if names.count(names[-1]) > 1:
             all_names = [entry.get("name") if isinstance(entry, Mapping) else None for entry in entries]
@@ -769,6 +798,8 @@ def _parse_agent(entry: Any, key: str, check_paths: bool) -> AgentSpec:
         chat_template_kwargs=copy.deepcopy(_mapping(entry.get("chat_template_kwargs"), f"{key}.chat_template_kwargs",
                                                     allow_none=True)),
         train=train,
+        adapter_path=None if entry.get("adapter_path") is None else _string(entry["adapter_path"],
+                                                                             f"{key}.adapter_path"),
     )
 
 

@@ -276,7 +276,8 @@ def build_shared_stacks(config: DictConfig, team: TeamConfig, role: str = "actor
     worker_group.init_model()
     ids = adapter_ids(team)
     lrs = {agent.name: agent.actor["optim"]["lr"] for agent in team.agents if "lr" in agent.actor.get("optim", {})}
-    worker_group.init_adapter_slots(ids, lrs)
+    paths = {agent.name: agent.adapter_path for agent in team.agents if agent.adapter_path}
+    worker_group.init_adapter_slots(ids, lrs, paths)
     server_manager = AgentLLMServerManager.create(config=shared_config, worker_group=worker_group,
                                                   rollout_resource_pool=pool, rank_offset=0,
                                                   replica_cls=MultiLoRAVLLMReplica)

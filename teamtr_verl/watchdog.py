@@ -48,7 +48,8 @@ def shared_worker_names(table: Iterable[Mapping], job_id: str) -> dict[str, list
     """Per label of :data:`SHARED`, the names of verl's workers that serve the whole team in job ``job_id``, whatever
     their state: some may still be starting, and one that died before ``fit`` is reported at the first poll."""
     names = sorted(row["Name"] for row in table if row["JobID"] == job_id and row["Name"])
-    return {label: [name for name in names if name.startswith(prefix)] for prefix, label in SHARED.items()}
+    groups = {label: [name for name in names if name.startswith(prefix)] for prefix, label in SHARED.items()}
+    return {label: group for label, group in groups.items() if group}  # (only a shared-base team has the base's)
 
 
 def dead_actors(table: Iterable[Mapping], job_id: str, actors_of: Mapping[str, list[str]]) -> list[tuple[str, str, str]]:

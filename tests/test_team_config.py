@@ -5,6 +5,7 @@ Model directories are fakes under ``tmp_path`` holding only a config.json, which
 """
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -714,3 +715,27 @@ def test_a_shared_base_agent_naming_another_model_or_a_swap_is_refused(models):
     block = {**_shared(models), "replace": {"agent": "solver", "model": models["critic"], "incumbent": models["planner"]}}
     assert _error(block).startswith("teamtr.replace")
     assert _error({"agents": [{"name": "a"}], "shared_base": {}}).startswith("teamtr.shared_base.model is missing")
+
+
+def _adapter(tmp_path, name, base, r=8, weights=True):
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base, "r": r}))
+    if weights:
+        (directory / "adapter_model.safetensors").write_bytes(b"")
+    return str(directory)
+
+
+def test_an_agents_adapter_must_be_of_the_shared_base_at_the_teams_rank(models, tmp_path):
+    good = _adapter(tmp_path, "good", models["planner"])
+    team = TeamConfig.from_config(_shared(models, adapter_path=good))
+    assert team.agent("planner").adapter_path == good and team.agent("solver").adapter_path is None
+    for adapter, why in [(_adapter(tmp_path, "other", models["solver"]), "is an adapter of base"),
+                         (_adapter(tmp_path, "rank4", models["planner"], r=4), "has LoRA rank 4"),
+                         (_adapter(tmp_path, "empty", models["planner"], weights=False), "no adapter_model"),
+                         (str(tmp_path), "holds no adapter_config.json")]:
+        message = _error(_shared(models, adapter_path=adapter))
+        assert message.startswith(f"teamtr.agents[0].adapter_path={adapter!r}") and why in message, message
+    block = _block(models)
+    block["agents"][0]["adapter_path"] = good
+    assert _error(block).startswith("teamtr.agents[0].adapter_path") and "needs teamtr.shared_base" in _error(block)

@@ -1,6 +1,15 @@
 """The agent watch's decision (teamtr_verl.watchdog) on hand-made rows of Ray's actor table."""
 
-from teamtr_verl.watchdog import AGENT_LOOP, REWARD_LOOP, AgentWatch, agent_actor_names, dead_actors, describe, shared_worker_names
+from teamtr_verl.watchdog import (
+    AGENT_LOOP,
+    REWARD_LOOP,
+    SHARED_BASE,
+    AgentWatch,
+    agent_actor_names,
+    dead_actors,
+    describe,
+    shared_worker_names,
+)
 
 JOB, OTHER = "02000000", "01000000"
 
@@ -76,6 +85,11 @@ def test_the_teams_agent_loop_and_reward_loop_workers_are_watched_once_fit_start
     assert dead == [(AGENT_LOOP, "agent_loop_worker_1_ef56", "no longer in Ray's actor table")]
     assert describe(dead) == ("the team's agent loop: its actor agent_loop_worker_1_ef56 died "
                               "(no longer in Ray's actor table)")
+    # a shared-base team's one worker group serves every agent: watched as the team's, under no agent's name
+    base = [row("teamtr__base_WorkerDict_0:0", pid=51)]
+    assert agent_actor_names(TABLE + base, JOB, ["alice", "bob"], SERVERS) == agent_actor_names(TABLE, JOB,
+                                                                                               ["alice", "bob"], SERVERS)
+    assert shared_worker_names(TABLE + base, JOB) == {SHARED_BASE: ["teamtr__base_WorkerDict_0:0"]}
     # one that died before fit is watched too: the first poll reports it
     crashed = TABLE + [row("reward_loop_worker_0", "DEAD", cause="constructor raised")]
     assert shared_worker_names(crashed, JOB)[REWARD_LOOP] == ["reward_loop_worker_0"]
