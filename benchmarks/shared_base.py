@@ -50,7 +50,7 @@ def measure(mode: str, n: int, model: Path, data: Path, stages: int, workdir: Pa
 
 def report(results: list[dict]) -> str:
     lines = header_lines("Shared-base teams vs full stacks (benchmarks/shared_base.py)")
-    lines += ["| mode | agents | peak USS (GiB) | × shared N = 2 | stage time (s, median of stages ≥ 2) | stage 1 (s) "
+    lines += ["| mode | agents | peak USS (GiB) | × shared N = 2 | stage time after the first (s, median) | stage 1 (s) "
               "| run wall (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
     reference = next((r["peak_uss_gib"] for r in results if r["mode"] == "shared" and r["agents"] == 2), None)
     for r in results:

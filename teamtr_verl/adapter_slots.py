@@ -7,7 +7,7 @@ Copies are ``copy_`` into the live tensors (the optimizer keeps its parameter ob
 swap is bit-identical: training A, parking it, training B and bringing A back continues A exactly as if B had never
 run (tests/test_adapter_slots.py checks this against unswapped runs).
 
-Pure torch: the FSDP worker is to call it on its local shards (not wired yet: issue #14).
+Pure torch: the FSDP worker (``teamtr_verl.workers``, ``init_adapter_slots``/``activate_adapter``) holds one.
 """
 
 from __future__ import annotations

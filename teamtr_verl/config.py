@@ -418,7 +418,8 @@ def _mapping(value: Any, key: str, *, allow_none: bool = False) -> dict:
 
 
 def _reject_unknown_keys(entry: Mapping, cls, key: str) -> None:
-    known = _known_keys(cls)
+    """``cls``: a dataclass whose fields are the known keys, or the names themselves."""
+    known = tuple(cls) if isinstance(cls, (tuple, list)) else _known_keys(cls)
     for name in entry:
         if name not in known:
             raise TeamConfigError(f"{key}.{name} is not a known key: known keys are {', '.join(known)}")
@@ -493,56 +494,68 @@ def _parse_team(block: Any, prefix: str, check_paths: bool) -> TeamConfig:
 
 # the LoRA ranks vLLM 0.31 serves (vllm/config/lora.py, MaxLoRARanks)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-# what one engine holds for the whole team: per-agent optimizer settings other than the lr cannot differ
-SHARED_ENGINE_ACTOR_KEYS = ("strategy", "fsdp_config", "checkpoint")
+# what an agent of a shared-base team may set for itself: the keys each update passes to the loss (agent_loss_config)
+# and its learning rate (its adapter slot's); everything else is the one engine's, built once for every agent
+SHARED_AGENT_ACTOR_KEYS = ("policy_loss", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c",
+                           "loss_agg_mode", "optim")
 
 
 def _parse_shared_base(entry: Any, key: str, check_paths: bool) -> SharedBaseSpec:
     entry = _mapping(entry, key)
-    unknown = sorted(set(entry) - {"model", "lora"})
-    if unknown:
-        raise _fail(f"{key}.{unknown[0]}", entry[unknown[0]], "is not a known key: use model and lora")
+    _reject_unknown_keys(entry, ("model", "lora"), key)
     if entry.get("model") is None:
         raise TeamConfigError(f"{key}.model is missing: the local directory of the base model every agent shares")
     model = _string(entry["model"], f"{key}.model")
     if check_paths:
         _check_model_dir(model, f"{key}.model")
     lora = _mapping(entry.get("lora"), f"{key}.lora", allow_none=True)
-    unknown = sorted(set(lora) - {"rank", "alpha", "target_modules"})
-    if unknown:
-        raise _fail(f"{key}.lora.{unknown[0]}", lora[unknown[0]], "is not a known key: use rank, alpha, "
-                                                                  "target_modules")
+    _reject_unknown_keys(lora, ("rank", "alpha", "target_modules"), f"{key}.lora")
     rank = _integer(lora.get("rank", SharedBaseSpec.lora_rank), f"{key}.lora.rank", minimum=1)
     if rank not in VLLM_LORA_RANKS:
         raise _fail(f"{key}.lora.rank", rank, f"is not a LoRA rank vLLM serves: choose one of {VLLM_LORA_RANKS}")
     targets = lora.get("target_modules", SharedBaseSpec.target_modules)
     if isinstance(targets, Sequence) and not isinstance(targets, str):
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise _fail(f"{key}.lora.target_modules", targets, "must be 'all-linear' or a list of module names")
         targets = tuple(targets)
-    elif not isinstance(targets, str) or not targets:
-        raise _fail(f"{key}.lora.target_modules", targets, "must be 'all-linear' or a list of module names")
+        valid = bool(targets) and all(isinstance(t, str) and t for t in targets)
+    else:
+        valid = isinstance(targets, str) and bool(targets)
+    if not valid:
+        raise _fail(f"{key}.lora.target_modules", lora.get("target_modules"), "must be a PEFT target_modules string "
+                                                                              "(e.g. 'all-linear') or a list of names")
     return SharedBaseSpec(model=model, lora_rank=rank,
                           lora_alpha=_integer(lora.get("alpha", SharedBaseSpec.lora_alpha), f"{key}.lora.alpha",
                                               minimum=1),
                           target_modules=targets)
 
 
+def _same_directory(a: Any, b: str) -> bool:
+    return os.path.realpath(str(a)) == os.path.realpath(b)
+
+
 def _check_adapter_dir(path: str, key: str, shared: SharedBaseSpec) -> None:
-    """A PEFT LoRA adapter an agent of a shared-base team starts from: of the shared base, of the team's rank."""
+    """A PEFT LoRA adapter an agent of a shared-base team starts from: plain LoRA of the shared base, at the team's
+    rank and alpha (the one engine trains every adapter with one scaling alpha / rank)."""
     import json
 
     config_file = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config_file):
         raise _fail(key, path, "holds no adapter_config.json: give a PEFT LoRA adapter directory (save_pretrained)")
-    with open(config_file) as handle:
-        adapter = json.load(handle)
+    try:
+        with open(config_file) as handle:
+            adapter = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise _fail(key, path, f"has an unreadable adapter_config.json ({error})") from None
     base = adapter.get("base_model_name_or_path")
-    if not base or os.path.realpath(str(base)) != os.path.realpath(shared.model):
+    if not base or not _same_directory(base, shared.model):
         raise _fail(key, path, f"is an adapter of base {base!r}, not of teamtr.shared_base.model={shared.model!r}")
-    if adapter.get("r") != shared.lora_rank:
-        raise _fail(key, path, f"has LoRA rank {adapter.get('r')!r}; the team's is teamtr.shared_base.lora.rank="
-                               f"{shared.lora_rank} (one engine trains every adapter at one rank)")
+    for field_name, team_value, team_key in (("r", shared.lora_rank, "rank"), ("lora_alpha", shared.lora_alpha,
+                                                                                  "alpha")):
+        if adapter.get(field_name) != team_value:
+            raise _fail(key, path, f"has {field_name} {adapter.get(field_name)!r}; the team's is "
+                                   f"teamtr.shared_base.lora.{team_key}={team_value}")
+    for variant in ("use_dora", "use_rslora"):
+        if adapter.get(variant):
+            raise _fail(key, path, f"is a {variant[4:]} adapter ({variant}: true); the team trains plain LoRA")
     if not any(os.path.isfile(os.path.join(path, f"adapter_model.{ext}")) for ext in ("safetensors", "bin")):
         raise _fail(key, path, "holds no adapter_model.safetensors (or .bin)")
 
@@ -550,7 +563,7 @@ def _check_adapter_dir(path: str, key: str, shared: SharedBaseSpec) -> None:
 def _check_shared_agent(entry: Mapping, key: str, shared_model: str) -> None:
     """An agent of a shared-base team: the team's base, trained, no engine-level settings of its own."""
     model = entry.get("model")
-    if model is not None and os.path.realpath(str(model)) != os.path.realpath(shared_model):
+    if model is not None and not _same_directory(model, shared_model):
         raise _fail(f"{key}.model", model, f"differs from teamtr.shared_base.model={shared_model!r}: every agent of a "
                                            "shared-base team is an adapter of that model (omit the key)")
     if entry.get("train") is False:
@@ -558,16 +571,17 @@ def _check_shared_agent(entry: Mapping, key: str, shared_model: str) -> None:
     if entry.get("n_devices") not in (None, 1):
         raise _fail(f"{key}.n_devices", entry["n_devices"], "does nothing with teamtr.shared_base: the one engine "
                                                             "spans every device; remove it")
-    actor = entry.get("actor") or {}
-    for engine_key in SHARED_ENGINE_ACTOR_KEYS:
-        if engine_key in actor:
-            raise _fail(f"{key}.actor.{engine_key}", actor[engine_key], "is the team's one engine's with "
-                        "teamtr.shared_base: set it in actor_rollout_ref.actor")
-    optim = actor.get("optim") or {}
-    other = sorted(set(optim) - {"lr"})
-    if other:
-        raise _fail(f"{key}.actor.optim.{other[0]}", optim[other[0]], "is the team's one optimizer's with "
-                    "teamtr.shared_base (an agent may set only its lr): set it in actor_rollout_ref.actor.optim")
+    actor = _mapping(entry.get("actor"), f"{key}.actor", allow_none=True)
+    for name in actor:
+        if name not in SHARED_AGENT_ACTOR_KEYS:
+            raise _fail(f"{key}.actor.{name}", actor[name], "is the team's one engine's with teamtr.shared_base (an "
+                        f"agent may set {', '.join(SHARED_AGENT_ACTOR_KEYS[:-1])} and optim.lr): set it in "
+                        "actor_rollout_ref.actor")
+    optim = _mapping(actor.get("optim"), f"{key}.actor.optim", allow_none=True)
+    for name in optim:
+        if name != "lr":
+            raise _fail(f"{key}.actor.optim.{name}", optim[name], "is the team's one optimizer's with "
+                        "teamtr.shared_base (an agent may set only its lr): set it in actor_rollout_ref.actor.optim")
 
 
 def _parse_replace(entry: Any, key: str, agents: list[AgentSpec], check_paths: bool) -> ReplaceSpec:

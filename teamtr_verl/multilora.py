@@ -5,7 +5,7 @@ serves the base model when that adapter is not loaded. Here a request names its 
 ``lora_int_id``, passed through verl's ``LLMServerClient.generate`` keyword arguments), a request whose adapter is not
 loaded is an error, and the engine keeps every agent's adapter resident (``max_loras = max_cpu_loras = N``).
 
-Not wired into the topology yet: built and tested piece by piece (tests/test_multilora.py).
+The server, replica and client that use these pieces: :mod:`teamtr_verl.multilora_server`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ async def serving_adapter(engine, lora_int_id: Optional[int], lora_name: Optiona
 def max_adapters(rollout_config) -> int:
     """N: the adapters the server keeps resident, from ``engine_kwargs.vllm.max_loras`` (the topology sets it to the
     team's size; stock verl overrides the engine's value with 1 and never reads this one)."""
-    value = ((rollout_config.get("engine_kwargs") or {}).get("vllm") or {}).get("max_loras")
+    from teamtr_verl.topology import configured_max_loras
+
+    value = configured_max_loras(rollout_config)
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"shared-base server: engine_kwargs.vllm.max_loras={value!r}: expected the team's size (>= 1)")
     return value

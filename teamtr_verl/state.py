@@ -32,6 +32,8 @@ class TeamTRState:
         agent_names: the team, in config order (checked against the config on resume).
         agent_models: each agent's model path at the start of the run (checked on resume).
         frozen_agents: the agents with ``train: false`` (checked on resume: a frozen agent has no saved weights).
+        shared_base: ``[model, lora rank, lora alpha]`` of a shared-base team, None for full stacks (checked on
+            resume: a checkpoint of one layout does not load into the other).
         stages_done: completed stages (= verl's global step of the last completed stage).
         order_rng_state: ``random.Random.getstate()`` of the update-order RNG, JSON-encoded.
         beta: per trained agent, its :class:`~teamtr_verl.algos.BetaState` as a dict.
@@ -50,6 +52,7 @@ class TeamTRState:
     agent_names: list[str]
     agent_models: dict[str, str]
     frozen_agents: list[str] = field(default_factory=list)
+    shared_base: Optional[list] = None
     stages_done: int = 0
     order_rng_state: Any = None
     beta: dict[str, dict] = field(default_factory=dict)
@@ -66,6 +69,7 @@ class TeamTRState:
             agent_names=list(team.agent_names),
             agent_models={agent.name: agent.model for agent in team.agents},
             frozen_agents=[agent.name for agent in team.agents if not agent.train],
+            shared_base=_shared_base(team),
             order_rng_state=_encode_rng(rng.getstate()),
             beta={name: BetaState(beta=team.beta_init_of(name)).to_dict() for name in team.trained_names},
             kl_history={name: [] for name in team.trained_names},
@@ -179,6 +183,10 @@ class TeamTRState:
         """Raise if a checkpoint's team differs from the configured one, listing both sides. Returns whether the
         configured ``teamtr.replace`` is still to be done: the checkpoint has the incumbent (a team already swapped
         matches the configured team as is, so resuming after a swap needs no change to the command line)."""
+        if self.shared_base != _shared_base(team):
+            raise ValueError(f"the checkpoint at {where} was written by a team with teamtr.shared_base [model, lora rank, "
+                             f"lora alpha] = {self.shared_base}; configured: {_shared_base(team)} (null: one full "
+                             "stack per agent). Resume with the same layout, or start a new run")
         saved = [(name, self.agent_models.get(name), name not in self.frozen_agents) for name in self.agent_names]
         configured = [(agent.name, agent.model, agent.train) for agent in team.agents]
         if saved == configured:
@@ -228,3 +236,8 @@ def _encode_rng(state) -> list:
 def _decode_rng(encoded) -> tuple:
     version, internal, gauss = encoded
     return version, tuple(internal), gauss
+
+
+def _shared_base(team: TeamConfig) -> Optional[list]:
+    shared = team.shared_base
+    return None if shared is None else [shared.model, shared.lora_rank, shared.lora_alpha]

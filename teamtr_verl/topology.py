@@ -66,12 +66,17 @@ def shared_base_config(base: DictConfig, team: TeamConfig) -> DictConfig:
     return config
 
 
+ADAPTER_ID_BASE = 1000  # verl's own sync removes adapter id 123 first: agents stay clear of it
+
+
 def adapter_ids(team: TeamConfig) -> dict[str, int]:
-    """Each agent's vLLM adapter id, in team order (verl's own sync removes id 123 first: stay clear of it)."""
+    """Each agent's vLLM adapter id, in team order."""
     return {agent.name: ADAPTER_ID_BASE + index for index, agent in enumerate(team.agents)}
 
 
-ADAPTER_ID_BASE = 1000
+def configured_max_loras(rollout_config):
+    """``engine_kwargs.vllm.max_loras`` of a rollout config, or None (stock verl ignores it and serves one adapter)."""
+    return ((rollout_config.get("engine_kwargs") or {}).get("vllm") or {}).get("max_loras")
 
 
 def stacks_team(team: TeamConfig, stage0: bool) -> TeamConfig:
@@ -183,39 +188,66 @@ class AgentStack:
         return self.server_manager.get_client(AdapterLLMServerClient, lora_name=self.name, lora_int_id=self.adapter_id)
 
 
+def _resource_pool(config: DictConfig, team: TeamConfig):
+    """Every device of the cluster, as verl's pool of bundles; refuses one no node can hold (before Ray's silent
+    wait). A bundle hosts up to :func:`colocate_count` worker processes."""
+    from verl.single_controller.ray import RayResourcePool
+
+    pool = RayResourcePool([config.trainer.n_gpus_per_node] * config.trainer.nnodes, use_gpu=True,
+                           name_prefix="teamtr_", max_colocate_count=colocate_count(team))
+    _check_bundles_fit(config, team)
+    return pool
+
+
+def _spawn_workers(pool, config: DictConfig, role: str, name_prefix: str, device: str):
+    """A worker group of the project's actor/rollout worker on ``pool`` (``config``: its whole trainer config), with
+    its model built."""
+    import ray
+    from verl.single_controller.ray import RayClassWithInitArgs, RayWorkerGroup
+    from verl.single_controller.ray.base import create_colocated_worker_cls
+
+    from teamtr_verl.workers import TeamActorRolloutRefWorker
+
+    worker_cls = RayClassWithInitArgs(cls=ray.remote(TeamActorRolloutRefWorker), config=config.actor_rollout_ref,
+                                      distillation_config=None, role=role)
+    worker_group = RayWorkerGroup(resource_pool=pool,
+                                  ray_cls_with_init=create_colocated_worker_cls(class_dict={role: worker_cls}),
+                                  device_name=device, name_prefix=name_prefix).spawn(prefix_set={role})[role]
+    worker_group.init_model()
+    return worker_group
+
+
+def _sync_manager(config: DictConfig, worker_group, server_manager):
+    """verl's checkpoint-engine manager that pushes ``worker_group``'s weights into ``server_manager``'s replicas."""
+    from verl.checkpoint_engine import CheckpointEngineManager
+    from verl.utils.config import omega_conf_to_dataclass
+
+    engine_config = omega_conf_to_dataclass(config.actor_rollout_ref.rollout.checkpoint_engine)
+    engine_config.backend = "naive"  # colocated actor and rollout, as verl's v1 trainer forces
+    return CheckpointEngineManager(config=engine_config, actor_wg=worker_group, replicas=server_manager.get_replicas())
+
+
 def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_rollout") -> dict[str, AgentStack]:
     """Create every agent's worker group, vLLM replicas and checkpoint-engine manager, in team order.
 
     Needs a running Ray cluster with enough logical devices (the caller validated placement). ``role`` is the
     worker role verl would use: ``actor_rollout``, or ``actor_rollout_ref`` when a reference model is needed.
     """
-    import ray
-    from verl.checkpoint_engine import CheckpointEngineManager
-    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
-    from verl.single_controller.ray.base import create_colocated_worker_cls, split_resource_pool
-    from verl.utils.config import omega_conf_to_dataclass
+    from verl.single_controller.ray.base import split_resource_pool
 
-    from teamtr_verl.workers import AgentLLMServerManager, FrozenLLMServerManager, TeamActorRolloutRefWorker
+    from teamtr_verl.workers import AgentLLMServerManager, FrozenLLMServerManager
 
     if team.shared_base is not None:
         return build_shared_stacks(config, team, role)
-    n_total = config.trainer.n_gpus_per_node * config.trainer.nnodes
-    # Each bundle hosts one worker per agent in `colocate`: allow that many co-located processes per device.
-    global_pool = RayResourcePool(
-        [config.trainer.n_gpus_per_node] * config.trainer.nnodes,
-        use_gpu=True,
-        name_prefix="teamtr_",
-        max_colocate_count=colocate_count(team),
-    )
-    _check_bundles_fit(config, team)
+    global_pool = _resource_pool(config, team)
     if team.placement == "split":
         pools = dict(zip(team.agent_names, split_resource_pool(global_pool, [a.n_devices for a in team.agents])))
     else:
         pools = {name: global_pool for name in team.agent_names}
-    logger.info("teamtr: %s placement over %d devices", team.placement, n_total)
+    logger.info("teamtr: %s placement over %d devices", team.placement,
+                config.trainer.n_gpus_per_node * config.trainer.nnodes)
 
     offsets = replica_rank_offsets(config, team)
-    remote_worker = ray.remote(TeamActorRolloutRefWorker)
     stacks: dict[str, AgentStack] = {}
     for agent in team.agents:
         agent_config = agent_trainer_config(config, agent)
@@ -225,27 +257,15 @@ def build_team_stacks(config: DictConfig, team: TeamConfig, role: str = "actor_r
                                                            rollout_resource_pool=pools[agent.name], rank_offset=offset)
             stacks[agent.name] = AgentStack(agent.name, agent_config, None, server_manager, None, offset)
             continue
-        worker_cls = RayClassWithInitArgs(
-            cls=remote_worker, config=agent_config.actor_rollout_ref, distillation_config=None, role=role
-        )
-        worker_group = RayWorkerGroup(
-            resource_pool=pools[agent.name],
-            ray_cls_with_init=create_colocated_worker_cls(class_dict={role: worker_cls}),
-            device_name=config.trainer.device,
-            name_prefix=f"teamtr_{agent.name}_",
-        ).spawn(prefix_set={role})[role]
-        worker_group.init_model()
+        worker_group = _spawn_workers(pools[agent.name], agent_config, role, f"teamtr_{agent.name}_",
+                                      config.trainer.device)
         # Before the first sync: the ServerAdapter looks its server up by this rank, lazily.
         worker_group.set_replica_rank_offset(offset)
         server_manager = AgentLLMServerManager.create(
             config=agent_config, worker_group=worker_group, rollout_resource_pool=pools[agent.name], rank_offset=offset
         )
-        engine_config = omega_conf_to_dataclass(agent_config.actor_rollout_ref.rollout.checkpoint_engine)
-        engine_config.backend = "naive"  # colocated actor and rollout, as verl's v1 trainer forces
-        checkpoint_manager = CheckpointEngineManager(
-            config=engine_config, actor_wg=worker_group, replicas=server_manager.get_replicas()
-        )
-        stacks[agent.name] = AgentStack(agent.name, agent_config, worker_group, server_manager, checkpoint_manager, offset)
+        stacks[agent.name] = AgentStack(agent.name, agent_config, worker_group, server_manager,
+                                        _sync_manager(agent_config, worker_group, server_manager), offset)
     check_server_names(config, team)
     return stacks
 
@@ -254,47 +274,34 @@ def build_shared_stacks(config: DictConfig, team: TeamConfig, role: str = "actor
     """A shared-base team: one worker group (the base, one live LoRA adapter, a parked slot per agent), one vLLM
     replica set holding every agent's adapter, and per agent an :class:`AgentStack` of views on them: its calls run on
     its adapter (:class:`AdapterView`), its client's requests name its adapter, its syncs push only its adapter."""
-    import ray
-    from verl.checkpoint_engine import CheckpointEngineManager
-    from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
-    from verl.single_controller.ray.base import create_colocated_worker_cls
-    from verl.utils.config import omega_conf_to_dataclass
-
     from teamtr_verl.multilora_server import MultiLoRAVLLMReplica
-    from teamtr_verl.workers import AgentLLMServerManager, TeamActorRolloutRefWorker
+    from teamtr_verl.workers import AgentLLMServerManager
 
     shared_config = shared_base_config(config, team)
-    pool = RayResourcePool([config.trainer.n_gpus_per_node] * config.trainer.nnodes, use_gpu=True,
-                           name_prefix="teamtr_", max_colocate_count=colocate_count(team))
-    _check_bundles_fit(config, team)
-    worker_cls = RayClassWithInitArgs(cls=ray.remote(TeamActorRolloutRefWorker),
-                                      config=shared_config.actor_rollout_ref, distillation_config=None, role=role)
-    worker_group = RayWorkerGroup(
-        resource_pool=pool, ray_cls_with_init=create_colocated_worker_cls(class_dict={role: worker_cls}),
-        device_name=config.trainer.device, name_prefix=SHARED_BASE_PREFIX,
-    ).spawn(prefix_set={role})[role]
-    worker_group.init_model()
+    pool = _resource_pool(config, team)
+    worker_group = _spawn_workers(pool, shared_config, role, SHARED_BASE_PREFIX, config.trainer.device)
     ids = adapter_ids(team)
-    lrs = {agent.name: agent.actor["optim"]["lr"] for agent in team.agents if "lr" in agent.actor.get("optim", {})}
+    lrs = {agent.name: agent.actor["optim"]["lr"] for agent in team.agents if "lr" in (agent.actor.get("optim") or {})}
     paths = {agent.name: agent.adapter_path for agent in team.agents if agent.adapter_path}
     worker_group.init_adapter_slots(ids, lrs, paths)
     server_manager = AgentLLMServerManager.create(config=shared_config, worker_group=worker_group,
                                                   rollout_resource_pool=pool, rank_offset=0,
                                                   replica_cls=MultiLoRAVLLMReplica)
-    engine_config = omega_conf_to_dataclass(shared_config.actor_rollout_ref.rollout.checkpoint_engine)
-    engine_config.backend = "naive"  # colocated actor and rollout, as verl's v1 trainer forces
     stacks = {}
     for agent in team.agents:
         view = AdapterView(worker_group, agent.name)
-        syncs = CheckpointEngineManager(config=engine_config, actor_wg=view, replicas=server_manager.get_replicas())
         stacks[agent.name] = AgentStack(agent.name, agent_trainer_config(shared_config, agent), view, server_manager,
-                                        syncs, 0, adapter_id=ids[agent.name])
+                                        _sync_manager(shared_config, view, server_manager), 0,
+                                        adapter_id=ids[agent.name])
     logger.info("teamtr: shared base %s, adapters %s", team.shared_base.model, ids)
     check_server_names(config, team)
     for stack in stacks.values():  # every adapter resident before any turn (the first sync also sends the base)
         stack.checkpoint_manager.update_weights()
     return stacks
 
+
+def _layout(team: TeamConfig) -> str:
+    return "teamtr.shared_base" if team.shared_base is not None else f"teamtr.placement={team.placement!r}"
 
 
 def _check_bundles_fit(config: DictConfig, team: TeamConfig) -> None:
@@ -311,7 +318,7 @@ def _check_bundles_fit(config: DictConfig, team: TeamConfig) -> None:
         raise RuntimeError(
             f"teamtr: verl's placement group asks {need - RAY_SPARE_CPUS} logical CPUs on each of "
             f"{config.trainer.nnodes} node(s) (trainer.n_gpus_per_node={config.trainer.n_gpus_per_node} bundles x "
-            f"{colocate_count(team)} for teamtr.placement={team.placement!r}) and {RAY_SPARE_CPUS} more must stay "
+            f"{colocate_count(team)} for {_layout(team)}) and {RAY_SPARE_CPUS} more must stay "
             f"free to place the servers, but only {fitting} node(s) have {need} free (free CPUs per node: "
             f"{sorted(free, reverse=True)}): raise ray_kwargs.ray_init.num_cpus, or use fewer devices per node")
 

@@ -174,8 +174,9 @@ class TeamTRTrainer(PPOTrainer):
 
     def fit(self, agent_loop_manager):
         # verl creates its agent-loop workers between _setup and fit: watch them too (a dead one hangs a rollout)
+        known = len(self.watch.actors_of)
         self.watch.watch_shared_workers()
-        for line in self.watch.summary()[len(self.watch.actors_of):]:
+        for line in self.watch.summary()[known:]:
             print(line, flush=True)
         try:
             return super().fit(agent_loop_manager)

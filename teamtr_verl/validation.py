@@ -18,7 +18,7 @@ from teamtr_verl.config import TeamConfig, TeamConfigError, validate_placement
 from teamtr_verl.defaults import AGENT_LOOP_MANAGER, RESUME_MODES, TRAINER_MODE
 from teamtr_verl.defaults import AGENT_LOOP_NAME as AGENT_LOOP
 from teamtr_verl.team_logic import same_vocabulary
-from teamtr_verl.topology import agent_trainer_config, stacks_team
+from teamtr_verl.topology import agent_trainer_config, configured_max_loras, stacks_team
 
 DATA_FILE_KEYS = ("data.train_files", "data.val_files")
 # A URL (hdfs://, s3://, gs://, ...) is fetched by verl's or fsspec's own clients at load time: not checked here.
@@ -103,12 +103,19 @@ def validate_shared_base(config: DictConfig, team: TeamConfig) -> None:
     if team.shared_base is None:
         return
     actor_rollout_ref = config.actor_rollout_ref
-    vllm_kwargs = (actor_rollout_ref.rollout.get("engine_kwargs") or {}).get("vllm") or {}
-    max_loras = vllm_kwargs.get("max_loras")
-    if max_loras is not None and max_loras < len(team.agents):
-        raise TeamConfigError(f"actor_rollout_ref.rollout.engine_kwargs.vllm.max_loras={max_loras!r} is smaller than "
-                              f"the team ({len(team.agents)} agents): every agent's adapter must stay resident; "
-                              "remove the key (teamtr sets it to the team's size)")
+    max_loras = configured_max_loras(actor_rollout_ref.rollout)
+    if max_loras is not None and max_loras != len(team.agents):
+        raise TeamConfigError(f"actor_rollout_ref.rollout.engine_kwargs.vllm.max_loras={max_loras!r} is not the "
+                              f"team's size ({len(team.agents)} agents): every agent's adapter stays resident, one "
+                              "each; remove the key (teamtr sets it)")
+    lora = actor_rollout_ref.model.get("lora") or {}
+    if lora.get("merge"):
+        raise TeamConfigError("actor_rollout_ref.model.lora.merge=True is not supported with teamtr.shared_base: a "
+                              "merged sync has no adapter to serve per agent; set it to false")
+    if actor_rollout_ref.model.get("lora_adapter_path"):
+        raise TeamConfigError(f"actor_rollout_ref.model.lora_adapter_path={actor_rollout_ref.model.lora_adapter_path!r}"
+                              " would start every agent from one adapter: give each agent its own with "
+                              "teamtr.agents[i].adapter_path")
     if actor_rollout_ref.actor.get("use_kl_loss"):
         raise TeamConfigError("actor_rollout_ref.actor.use_kl_loss=True is not supported with teamtr.shared_base: "
                               "the trust region is the teamtr loss's KL to each agent's own π_cur; set it to false")

@@ -38,7 +38,6 @@ class TeamActorRolloutRefWorker(ActorRolloutRefWorker):
             adapter.server_handle = None
         return new_rank
 
-
     # -- shared-base teams (teamtr.shared_base): one LoRA adapter per agent on this one engine --------------------
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_adapter_slots(self, adapter_ids: dict[str, int], lrs: dict[str, float] | None = None,

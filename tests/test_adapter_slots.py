@@ -203,3 +203,52 @@ def test_a_saved_peft_adapter_loads_into_a_slot_under_the_live_names(tmp_path):
     one_module.save_pretrained(tmp_path / "fc1_only")
     with pytest.raises(ValueError, match="its modules differ from the team's LoRA adapter"):
         load_peft_adapter(str(tmp_path / "fc1_only"), slots.params)
+
+
+def test_the_workers_trust_region_snapshot_holds_the_adapter_only_and_restores_it_exactly():
+    """The worker's snapshot / perturb / restore (teamtr_verl.workers, the helpers every update uses) on a tiny PEFT
+    model standing for the FSDP engine's module: they hold and move the LoRA weights only, never the frozen base."""
+    from types import SimpleNamespace
+
+    from teamtr_verl.workers import TeamActorRolloutRefWorker as Worker
+
+    model = lora_model()
+    optimizer, _ = training_setup(model)
+    worker = SimpleNamespace(actor=SimpleNamespace(engine=SimpleNamespace(module=model, optimizer=optimizer,
+                                                                          lr_scheduler=None)), rank=0)
+    for name in ("_local_actor_tensors", "_local_optimizer_states", "_live_adapter", "_check_snapshot_owner"):
+        setattr(worker, name, getattr(Worker, name).__get__(worker))
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapter = trainable(model)
+    assert Worker.snapshot_actor_weights(worker) == sum(p.numel() for p in adapter.values())
+    assert set(worker._teamtr_snapshot) == set(adapter)  # 4 LoRA matrices, no base weight
+    Worker.perturb_actor_weights(worker, 0.1, 0)
+    assert all(not torch.equal(p, adapter[n]) for n, p in trainable(model).items())
+    Worker.restore_actor_weights(worker)
+    assert all(torch.equal(p, adapter[n]) for n, p in trainable(model).items())
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_a_snapshot_taken_for_one_agent_is_never_blended_into_another():
+    """Shared base: the snapshot holds the live agent's adapter; once another agent's slot is live, blend and
+    restore refuse (they would write agent a's weights into agent b's adapter)."""
+    from types import SimpleNamespace
+
+    from teamtr_verl.workers import TeamActorRolloutRefWorker as Worker
+
+    model = lora_model()
+    optimizer, _ = training_setup(model)
+    worker = SimpleNamespace(actor=SimpleNamespace(engine=SimpleNamespace(module=model, optimizer=optimizer,
+                                                                          lr_scheduler=None)), rank=0)
+    for name in ("_local_actor_tensors", "_local_optimizer_states", "_live_adapter", "_check_snapshot_owner"):
+        setattr(worker, name, getattr(Worker, name).__get__(worker))
+    worker._teamtr_slots = AdapterSlots(model, optimizer)
+    worker._teamtr_slots.add("a")
+    worker._teamtr_slots.add("b")
+    worker._teamtr_slots.activate("a")
+    Worker.snapshot_actor_weights(worker)
+    Worker.blend_actor_weights(worker, 0.5)  # a's own snapshot: fine
+    worker._teamtr_slots.activate("b")
+    for step in (lambda: Worker.blend_actor_weights(worker, 0.5), lambda: Worker.restore_actor_weights(worker)):
+        with pytest.raises(RuntimeError, match="snapshot is agent 'a'.*agent 'b'"):
+            step()

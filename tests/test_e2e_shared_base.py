@@ -5,11 +5,11 @@ model, one FSDP worker group and one vLLM server, through real Ray, verl and vll
   adapter changes alice's greedy outputs and leaves bob's bit-identical, and vice versa (both served by the same
   vLLM engine); each turn's server log-probs are its speaker's (the base model for alice, the PEFT model with bob's
   adapter for bob) and not the other agent's;
-* the stock entry point (``main_ppo``, ``trainer.v1.trainer_mode=teamtr``), one stage in which bob's δ lets no
-  update through: alice's adapter moves inside δ, bob's stays the fresh one bit for bit, the base is untouched, and
+* the stock entry point (``main_ppo``, ``trainer.v1.trainer_mode=teamtr``), two stages with bob at his own lr 0:
+  alice's adapter moves inside δ, bob's updates run and leave his fresh adapter bit for bit, the base is untouched,
   each agent's turns are scored by its own adapter in the actor as the shared server sampled them
-  (``rollout_probs_diff_max``); resumed for a stage that commits nothing, every agent saves exactly the adapter,
-  Adam state and schedule it loaded (per agent: ``global_step_N/<agent>/``).
+  (``rollout_probs_diff_max``), each agent's schedule runs at its own base lr; resumed from the stage-1 checkpoint,
+  stage 2 starts from exactly the uninterrupted run's state (per agent: ``global_step_N/<agent>/``).
 """
 
 import json

@@ -697,12 +697,17 @@ def test_a_shared_base_team_gives_every_agent_the_base_model(models):
 
 @pytest.mark.parametrize("lora, agent_keys, key, value", [
     ({"rank": 12}, {}, "teamtr.shared_base.lora.rank", "12"),  # vLLM serves 1, 8, 16, 32, ...
-    ({"dropout": 0.1}, {}, "teamtr.shared_base.lora.dropout", "0.1"),
+    ({"dropout": 0.1}, {}, "teamtr.shared_base.lora.dropout", "known keys are rank, alpha, target_modules"),
     ({"target_modules": []}, {}, "teamtr.shared_base.lora.target_modules", "[]"),
     (None, {"train": False}, "teamtr.agents[0].train", "False"),
     (None, {"n_devices": 2}, "teamtr.agents[0].n_devices", "2"),
     (None, {"actor": {"optim": {"betas": [0.9, 0.99]}}}, "teamtr.agents[0].actor.optim.betas", "[0.9, 0.99]"),
     (None, {"actor": {"fsdp_config": {}}}, "teamtr.agents[0].actor.fsdp_config", "{}"),
+    # the engine's micro-batch is the team's: an agent's own would be checked but never used
+    (None, {"actor": {"ppo_micro_batch_size_per_gpu": 2}}, "teamtr.agents[0].actor.ppo_micro_batch_size_per_gpu",
+     "=2 is the team's one engine's"),
+    (None, {"actor": "fast"}, "teamtr.agents[0].actor", "'fast'"),
+    (None, {"actor": {"optim": 5}}, "teamtr.agents[0].actor.optim", "=5"),
 ])
 def test_shared_base_errors_name_the_key_and_value(models, lora, agent_keys, key, value):
     message = _error(_shared(models, lora=lora, **agent_keys))
@@ -717,10 +722,11 @@ def test_a_shared_base_agent_naming_another_model_or_a_swap_is_refused(models):
     assert _error({"agents": [{"name": "a"}], "shared_base": {}}).startswith("teamtr.shared_base.model is missing")
 
 
-def _adapter(tmp_path, name, base, r=8, weights=True):
+def _adapter(tmp_path, name, base, r=8, weights=True, **extra):
     directory = tmp_path / name
     directory.mkdir()
-    (directory / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base, "r": r}))
+    config = {"base_model_name_or_path": base, "r": r, "lora_alpha": 16, **extra}  # the team's default alpha: 16
+    (directory / "adapter_config.json").write_text(json.dumps(config))
     if weights:
         (directory / "adapter_model.safetensors").write_bytes(b"")
     return str(directory)
@@ -731,7 +737,9 @@ def test_an_agents_adapter_must_be_of_the_shared_base_at_the_teams_rank(models, 
     team = TeamConfig.from_config(_shared(models, adapter_path=good))
     assert team.agent("planner").adapter_path == good and team.agent("solver").adapter_path is None
     for adapter, why in [(_adapter(tmp_path, "other", models["solver"]), "is an adapter of base"),
-                         (_adapter(tmp_path, "rank4", models["planner"], r=4), "has LoRA rank 4"),
+                         (_adapter(tmp_path, "rank4", models["planner"], r=4), "has r 4"),
+                         (_adapter(tmp_path, "alpha32", models["planner"], lora_alpha=32), "has lora_alpha 32"),
+                         (_adapter(tmp_path, "dora", models["planner"], use_dora=True), "is a dora adapter"),
                          (_adapter(tmp_path, "empty", models["planner"], weights=False), "no adapter_model"),
                          (str(tmp_path), "holds no adapter_config.json")]:
         message = _error(_shared(models, adapter_path=adapter))

@@ -185,7 +185,9 @@ def test_an_agents_view_of_the_shared_workers_activates_its_adapter_before_every
 
 @pytest.mark.parametrize("override, expected", [
     ("+actor_rollout_ref.rollout.engine_kwargs.vllm.max_loras=2",
-     "actor_rollout_ref.rollout.engine_kwargs.vllm.max_loras=2 is smaller than the team (3 agents)"),
+     "actor_rollout_ref.rollout.engine_kwargs.vllm.max_loras=2 is not the team's size (3 agents)"),
+    ("actor_rollout_ref.model.lora.merge=true", "actor_rollout_ref.model.lora.merge=True is not supported"),
+    ("actor_rollout_ref.model.lora_adapter_path=/a", "actor_rollout_ref.model.lora_adapter_path='/a' would start"),
     ("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.use_kl_loss=True is not supported"),
     ("actor_rollout_ref.model.lora_rank=32", "actor_rollout_ref.model.lora_rank=32 differs"),
 ])

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
 
@@ -187,6 +188,23 @@ def test_a_frozen_agent_has_no_beta_and_no_place_in_the_order():
     data = TeamTRState.initial(team()).to_dict()
     del data["frozen_agents"]
     assert TeamTRState.from_dict(data).frozen_agents == []
+
+
+def test_a_checkpoint_of_one_layout_is_refused_by_the_other():
+    """Full stacks and a shared base (or another LoRA rank) save different weights: resuming across is refused
+    before Ray starts, both sides listed. The agents' names and models are the same in all three."""
+    shared = team(models=["/models/base"] * len(NAMES), shared_base={"model": "/models/base"})
+    rank16 = team(models=["/models/base"] * len(NAMES), shared_base={"model": "/models/base", "lora": {"rank": 16}})
+    full = team(models=["/models/base"] * len(NAMES))
+    for saved, configured, shown in [(full, shared, "= None; configured: ['/models/base', 8, 16]"),
+                                     (shared, full, "= ['/models/base', 8, 16]; configured: None"),
+                                     (shared, rank16, "configured: ['/models/base', 16, 16]")]:
+        with pytest.raises(ValueError, match=re.escape(shown)):
+            TeamTRState.initial(saved).check_matches(configured, "/ckpt")
+    TeamTRState.initial(shared).check_matches(shared, "/ckpt")
+    data = TeamTRState.initial(full).to_dict()
+    del data["shared_base"]  # a state file written before shared-base teams existed: full stacks
+    TeamTRState.from_dict(data).check_matches(full, "/ckpt")
 
 
 def test_check_matches_accepts_the_same_team():
