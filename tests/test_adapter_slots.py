@@ -205,9 +205,9 @@ def test_a_saved_peft_adapter_loads_into_a_slot_under_the_live_names(tmp_path):
         load_peft_adapter(str(tmp_path / "fc1_only"), slots.params)
 
 
-def test_the_workers_trust_region_snapshot_holds_the_adapter_only_and_restores_it_exactly():
-    """The worker's snapshot / perturb / restore (teamtr_verl.workers, the helpers every update uses) on a tiny PEFT
-    model standing for the FSDP engine's module: they hold and move the LoRA weights only, never the frozen base."""
+def stub_worker():
+    """The project's FSDP worker class with its rank-local helpers bound to a stand-in whose engine holds a tiny PEFT
+    model and its AdamW: (model, optimizer, stand-in, worker class)."""
     from types import SimpleNamespace
 
     from teamtr_verl.workers import TeamActorRolloutRefWorker as Worker
@@ -218,6 +218,13 @@ def test_the_workers_trust_region_snapshot_holds_the_adapter_only_and_restores_i
                                                                           lr_scheduler=None)), rank=0)
     for name in ("_local_actor_tensors", "_local_optimizer_states", "_live_adapter", "_check_snapshot_owner"):
         setattr(worker, name, getattr(Worker, name).__get__(worker))
+    return model, optimizer, worker, Worker
+
+
+def test_the_workers_trust_region_snapshot_holds_the_adapter_only_and_restores_it_exactly():
+    """The worker's snapshot / perturb / restore (teamtr_verl.workers, the helpers every update uses) on a tiny PEFT
+    model standing for the FSDP engine's module: they hold and move the LoRA weights only, never the frozen base."""
+    model, optimizer, worker, Worker = stub_worker()
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapter = trainable(model)
     assert Worker.snapshot_actor_weights(worker) == sum(p.numel() for p in adapter.values())
@@ -232,16 +239,7 @@ def test_the_workers_trust_region_snapshot_holds_the_adapter_only_and_restores_i
 def test_a_snapshot_taken_for_one_agent_is_never_blended_into_another():
     """Shared base: the snapshot holds the live agent's adapter; once another agent's slot is live, blend and
     restore refuse (they would write agent a's weights into agent b's adapter)."""
-    from types import SimpleNamespace
-
-    from teamtr_verl.workers import TeamActorRolloutRefWorker as Worker
-
-    model = lora_model()
-    optimizer, _ = training_setup(model)
-    worker = SimpleNamespace(actor=SimpleNamespace(engine=SimpleNamespace(module=model, optimizer=optimizer,
-                                                                          lr_scheduler=None)), rank=0)
-    for name in ("_local_actor_tensors", "_local_optimizer_states", "_live_adapter", "_check_snapshot_owner"):
-        setattr(worker, name, getattr(Worker, name).__get__(worker))
+    model, optimizer, worker, Worker = stub_worker()
     worker._teamtr_slots = AdapterSlots(model, optimizer)
     worker._teamtr_slots.add("a")
     worker._teamtr_slots.add("b")
