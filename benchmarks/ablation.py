@@ -1,7 +1,7 @@
 """Ablation: TeamTR against naive sequential fine-tuning through verl, at equal stages and at equal episodes.
 
     python benchmarks/ablation.py [--task budget|relay] [--agents 2 3 4] [--seeds 0 1 2]
-                                  [--schedules teamtr stale matched happo] [--stages 8] [--out DIR] [--shared-base]
+                                  [--schedules teamtr stale matched happo] [--stages 8] [--out DIR] [--shared-base] [--lr LR]
 
 Every run is the stock entry point (``python -m verl.trainer.main_ppo``, the task's CPU config) on a team built by
 teamtr_verl.fixtures (relay, or budget-sq: the dense division-of-labour game where the occupancy-shift simulator
@@ -40,16 +40,18 @@ def prompts_for(n_agents: int) -> int:
 
 
 def run_one(task: str, out: Path, n_agents: int, seed: int, schedule: str, stages: int,
-            shared_base: bool = False) -> dict[int, dict]:
+            shared_base: bool = False, lr: float | None = None) -> dict[int, dict]:
     prompts = prompts_for(n_agents)
     team, names = out / f"team_n{n_agents}_s{seed}", NAMES[:n_agents]
     # shared base: every agent a LoRA adapter of the first agent's warm start, one worker group and vLLM server
     layout = ([f"teamtr.agents=[{', '.join(f'{{name: {name}}}' for name in names)}]",
                f"teamtr.shared_base={{model: '{team / names[0]}', lora: {{rank: 8}}}}", "trainer.n_gpus_per_node=1"]
               if shared_base else [f"trainer.n_gpus_per_node={n_agents}"])
-    return team_run(task, team, names, seed, out / f"n{n_agents}_s{seed}_{schedule}{'_shared' * shared_base}.jsonl",
+    tag = f"{'_shared' * shared_base}{f'_lr{lr:g}' if lr is not None else ''}"
+    return team_run(task, team, names, seed, out / f"n{n_agents}_s{seed}_{schedule}{tag}.jsonl",
                     stages, [
-        *layout, *SCHEDULES[schedule], f"data.train_batch_size={prompts}",
+        *layout, *SCHEDULES[schedule], *([f"actor_rollout_ref.actor.optim.lr={lr}"] if lr is not None else []),
+        f"data.train_batch_size={prompts}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts // 2}",
         # fixed micro-batches must divide a mini-batch (checked before Ray): one micro-batch per mini-batch
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={prompts // 2 * 8}",
@@ -58,7 +60,7 @@ def run_one(task: str, out: Path, n_agents: int, seed: int, schedule: str, stage
         # split placement asks 3 logical CPUs per device, +2 for TransferQueue, +1 spare (validation.validate_ray_cpus):
         # beyond the CPU runtime's 16 at N >= 5
         *([f"ray_kwargs.ray_init.num_cpus={3 * n_agents + 3}"] if n_agents >= 5 and not shared_base else []),
-    ], f"{task} n={n_agents} seed={seed} {schedule}{' shared base' * shared_base}")
+    ], f"{task} n={n_agents} seed={seed} {schedule}{' shared base' * shared_base}{f' lr {lr:g}' if lr is not None else ''}")
 
 
 def return_within_episodes(rows: dict[int, dict], episodes: int) -> float:
@@ -102,6 +104,8 @@ def main() -> int:
     parser.add_argument("--out", default="ablation_runs")
     parser.add_argument("--shared-base", action="store_true",
                         help="every agent a LoRA adapter (rank 8) of the first agent's warm start (teamtr.shared_base)")
+    # a LoRA adapter moves far less per step than the full model at the same rate (docs/shared_base.md)
+    parser.add_argument("--lr", type=float, default=None, help="every agent's actor lr (default: the config's)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,8 @@ def main() -> int:
     lines = header_lines(f"Ablation: {', '.join(args.schedules)} on the {args.task} task (teamtr_verl.fixtures"
                          f"{'; every agent a LoRA adapter of one base' if args.shared_base else ''})")
     lines += [f"- budget per run: {args.stages} stages; per stage {', '.join(f'N={n}: {prompts_for(n)}' for n in args.agents)}"
-              f" prompts x 8 samples; the {TASKS[args.task]} config's lr and delta, 2 mini-batches per update; "
+              f" prompts x 8 samples; the {TASKS[args.task]} config's delta, "
+              f"{f'lr {args.lr:g}' if args.lr is not None else 'its lr'}, 2 mini-batches per update; "
               f"seeds {args.seeds}", "",
               "| N | schedule | seed | team return, stage 1 | final team return | negative measured gains | "
               "full steps outside delta | committed outside | episodes | median stage (s) |",
@@ -120,7 +125,8 @@ def main() -> int:
         for schedule in args.schedules:
             results = []
             for seed in args.seeds:
-                result = summarize_run(run_one(args.task, out, n_agents, seed, schedule, args.stages, args.shared_base),
+                result = summarize_run(run_one(args.task, out, n_agents, seed, schedule, args.stages, args.shared_base,
+                                               args.lr),
                                        NAMES[:n_agents])
                 results.append(result)
                 lines.append(f"| {n_agents} | {schedule} | {seed} | {result['first_return']:.3f} | "
