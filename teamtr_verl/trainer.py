@@ -269,16 +269,17 @@ class TeamTRTrainer(PPOTrainer):
         rollout: Optional[TeamRollout] = None
         prior_log_w: Optional[torch.Tensor] = None  # stale/happo: log of the earlier updates' trajectory ratios
         changed: set[str] = set()  # agents whose update was committed since the last regeneration
+        untrained = heldout  # prompts no update since the last regeneration trained on: its gain is measured there
         if self._stage0:  # the swap's probe pairs with (and lends its prefixes to) the stage's first regeneration
-            rollout, changed = self._align_incoming(prompts, stage, metrics)
+            rollout, changed, untrained = self._align_incoming(prompts, stage, metrics)
         for index, name in enumerate(order):
             if index < done:
                 continue
             if self.team.regenerates_before(index):
                 print(f"teamtr: stage {stage}: regenerating before {name}'s update", flush=True)  # progress in the log
                 start = time.perf_counter()
-                rollout = self._regenerate(prompts, parts[index], stage, rollout, metrics, changed)
-                changed = set()
+                rollout = self._regenerate(prompts, parts[index], stage, rollout, metrics, changed, untrained)
+                changed, untrained = set(), heldout
                 metrics[f"teamtr/{name}/gen_s"] = time.perf_counter() - start
                 prior_log_w = torch.zeros(len(rollout.trajectories), dtype=torch.float64)
             else:
@@ -295,7 +296,7 @@ class TeamTRTrainer(PPOTrainer):
         self.state.cursor = None
         if self.team.certificate.closing_regeneration:  # the last update's gain, on this stage's episodes
             start = time.perf_counter()
-            self._regenerate(prompts, parts[-1], stage, rollout, metrics, changed)
+            self._regenerate(prompts, parts[-1], stage, rollout, metrics, changed, untrained)
             metrics["teamtr/stage/closing_gen_s"] = time.perf_counter() - start
         self._log_stage(order, metrics)
         self.state.stages_done = stage
@@ -315,12 +316,13 @@ class TeamTRTrainer(PPOTrainer):
         return frozenset(held)
 
     def _regenerate(self, prompts, part: list[int], stage: int, previous: Optional[TeamRollout],
-                    metrics: dict, changed: frozenset[str] | set[str] = frozenset(), probe: bool = False
-                    ) -> TeamRollout:
+                    metrics: dict, changed: frozenset[str] | set[str] = frozenset(),
+                    untrained: frozenset[int] = frozenset(), probe: bool = False) -> TeamRollout:
         """Team rollouts of the current team on the stage's prompts ``part`` (indices): fresh uids that keep each
         prompt's index, existing servers, and (``certificate.crn``) the stage's sampling seeds, so that it pairs
         episode by episode with ``previous`` where both cover the same prompts. With ``reuse_prefix``, each episode's
         turns before the first turn of a ``changed`` agent are taken from ``previous`` instead of generated.
+        ``untrained``: the prompts no update since ``previous`` trained on, where the paired gain is measured.
         ``probe``: a Stage-0 probe, where the swapped agent is still the incumbent (its tokenizer, its servers)."""
         batch = tu.index_select_tensor_dict(prompts, list(part))
         uids = [f"p{index}x{uuid.uuid4().hex}" for index in part]  # no "_": verl splits keys on it
@@ -353,7 +355,7 @@ class TeamTRTrainer(PPOTrainer):
         metrics.update({k: v for k, v in sample_metrics.items() if isinstance(v, (int, float))})
         metrics.setdefault("teamtr/stage/return_mean", rollout.return_mean)  # the stage's first regeneration
         if previous is not None:
-            self._record_paired_gain(previous, rollout, metrics)
+            self._record_paired_gain(previous, rollout, metrics, untrained)
         return rollout
 
     def _reusable_prefix(self, previous: Optional[TeamRollout], part: list[int],
@@ -382,20 +384,29 @@ class TeamTRTrainer(PPOTrainer):
                 prefix.setdefault(prompt, {})[str(session)] = [by_turn[t] for t in range(keep)]
         return {prompt: json.dumps(sessions) for prompt, sessions in prefix.items()}
 
-    def _record_paired_gain(self, before: TeamRollout, after: TeamRollout, metrics: dict) -> None:
-        """The gain of the updates made between two regenerations of the same episodes (paired, same prompts)."""
+    def _record_paired_gain(self, before: TeamRollout, after: TeamRollout, metrics: dict,
+                            untrained: frozenset[int]) -> None:
+        """The gain of the updates made between two regenerations of the same episodes (paired: same prompts, same
+        sampling seeds), measured on the ``untrained`` prompts (held out of those updates; all of them when none is).
+        On the episodes an update trained on, the seeds replay the very samples it was fitted to: an in-sample gain,
+        logged beside it as ``crn_gain_train`` and never used by the certificate."""
         old, new = before.episode_returns(), after.episode_returns()
         both = sorted(set(old) & set(new))  # a dropped trajectory (failed reward) leaves its pair out
-        if len(both) < 2:  # other prompts (split) or too few pairs: these updates stay unmeasured, never misattributed
+        measured = [e for e in both if e[0] in untrained] if untrained else both
+        if len(measured) < 2:  # other prompts (split) or too few pairs: these updates stay unmeasured, never misattributed
             self.state.forget_unmeasured(self.global_steps)
             return
-        gain = algos.paired_gain([new[e] for e in both], [old[e] for e in both])
+        gain = algos.paired_gain([new[e] for e in measured], [old[e] for e in measured])
+        trained = [e for e in both if e[0] not in untrained] if untrained else []
+        gain_train = algos.paired_gain([new[e] for e in trained], [old[e] for e in trained]) if len(trained) > 1 else None
         updates = self.state.record_paired_gain(gain, self.global_steps)
         if updates and all(update.get("stage0") for update in updates):
             return  # the swap's own gain: teamtr/stage0/crn_gain (_log_stage), never the agent's or the stage's
         for update in updates:
             metrics[f"teamtr/{update['agent']}/crn_gain"] = gain.mean
             metrics[f"teamtr/{update['agent']}/crn_gain_se"] = gain.se
+            if gain_train is not None:
+                metrics[f"teamtr/{update['agent']}/crn_gain_train"] = gain_train.mean
         metrics["teamtr/stage/negative_gains"] = metrics.get("teamtr/stage/negative_gains", 0) + int(gain.mean < 0)
         metrics["teamtr/stage/gain_measurements"] = metrics.get("teamtr/stage/gain_measurements", 0) + 1
 
@@ -411,8 +422,8 @@ class TeamTRTrainer(PPOTrainer):
         on the held-out groups is ≤ δ₀. Across tokenizers the messages are re-tokenized for the newcomer, its loss is
         their likelihood and the monitor the message-level KL, each model scoring the texts in its own tokens. Then its
         weights go into its own servers, which take over the agent's turns, the incumbent's stack is ended and the swap
-        is recorded; otherwise the run stops before anything is saved. Returns the probe and {agent}: the stage's first
-        regeneration pairs with it (the swap's paired gain)."""
+        is recorded; otherwise the run stops before anything is saved. Returns the probe, {agent} and the probe's held-out
+        prompts: the stage's first regeneration pairs with it there (the swap's paired gain)."""
         swap, name = self.team.replace, self.team.replace.agent
         delta0, start = self.team.stage0_delta(), time.perf_counter()
         print(f"teamtr: stage {stage}: Stage 0: probing the team's contexts for {name}'s incoming model", flush=True)
@@ -492,7 +503,7 @@ class TeamTRTrainer(PPOTrainer):
                         "teamtr/stage0/seconds": time.perf_counter() - start,
                         "teamtr/stage0/retokenized": float(not shared),
                         **{f"teamtr/stage0/{key}": value for key, value in sizes.items()}})
-        return probe, {name}
+        return probe, {name}, held
 
     def _mixture_teacher(self, sequences: dict, teacher: dict, delta0: float, temperature: float,
                          metrics: dict) -> dict:

@@ -839,16 +839,19 @@ RETURN_TABLE = {  # generation -> [(prompt, session) -> return]; irregular, so e
 }
 
 
-def hand_gain(after, before, dropped=()):
-    diffs = [after[e] - before[e] for e in sorted(before) if e not in dropped]
+def hand_gain(after, before, only=None, dropped=()):
+    diffs = [after[e] - before[e] for e in sorted(before) if (only is None or e in only) and e not in dropped]
     return sum(diffs) / len(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
-def test_paired_gain_of_each_update_is_the_mean_difference_of_matched_episodes(make_trainer, base_configs):
-    """teamtr, 3 agents: regenerations 1..4; update k's gain = mean over episodes of R_{k+1} − R_k; an episode whose
-    trajectory verl dropped in regeneration 2 (a trained prompt's) is left out of both pairs it belongs to."""
+def test_paired_gain_of_each_update_is_the_mean_difference_of_its_heldout_episodes(make_trainer, base_configs):
+    """teamtr, 3 agents: regenerations 1..4; update k's gain = mean over the held-out prompts' episodes (no update
+    trained on them) of R_{k+1} − R_k; ``crn_gain_train`` the same over the trained prompts' episodes, where verl
+    dropped one trajectory in regeneration 2: it is left out of both pairs it belongs to."""
     trainer = make_trainer(team_config(base_configs, 3), [])
     heldout = heldout_of(trainer, 1)
+    held = {(p, s) for p in heldout for s in range(SESSIONS)}
+    trained = {(p, s) for p in range(PROMPTS) for s in range(SESSIONS)} - held
     dropped = (min(p for p in range(PROMPTS) if p not in heldout), 1)
     trainer.rollouts.script.returns = lambda g, p, s: RETURN_TABLE[g][(p, s)]
     trainer.rollouts.script.drop = {2: {dropped}}
@@ -856,23 +859,26 @@ def test_paired_gain_of_each_update_is_the_mean_difference_of_matched_episodes(m
     trainer.step(metrics, {})
     assert metrics["teamtr/rollout/dropped_trajectories"] == 1
     assert metrics["teamtr/stage/episodes"] == 4 * PROMPTS * SESSIONS - 1
-    expected = [hand_gain(RETURN_TABLE[2], RETURN_TABLE[1], {dropped}),
-                hand_gain(RETURN_TABLE[3], RETURN_TABLE[2], {dropped}),
-                hand_gain(RETURN_TABLE[4], RETURN_TABLE[3])]
-    assert len({round(m, 9) for m, _ in expected}) == 3  # three different gains
-    for entry, (mean, se) in zip(trainer.state.ledger, expected):
+    expected = [hand_gain(RETURN_TABLE[g + 1], RETURN_TABLE[g], held) for g in (1, 2, 3)]
+    in_sample = [hand_gain(RETURN_TABLE[2], RETURN_TABLE[1], trained, {dropped})[0],
+                 hand_gain(RETURN_TABLE[3], RETURN_TABLE[2], trained, {dropped})[0],
+                 hand_gain(RETURN_TABLE[4], RETURN_TABLE[3], trained)[0]]
+    assert len({round(m, 9) for m, _ in expected}) > 1  # not one number for every update
+    for entry, (mean, se), train in zip(trainer.state.ledger, expected, in_sample):
         assert entry["measured"]
         assert entry["crn_gain"] == pytest.approx(mean) and entry["crn_gain_se"] == pytest.approx(se)
         assert metrics[f"teamtr/{entry['agent']}/crn_gain"] == pytest.approx(mean)
         assert metrics[f"teamtr/{entry['agent']}/crn_gain_se"] == pytest.approx(se)
+        assert metrics[f"teamtr/{entry['agent']}/crn_gain_train"] == pytest.approx(train)
     # an update whose held-out groups were all flat has no bound (0 ± 0 would be a guess), hence no pair
     assert trainer.state.gain_pairs == [[pytest.approx(u["bound"]), pytest.approx(mean)]
                                         for u, (mean, _) in zip(trainer.state.ledger, expected) if u["bound"] is not None]
     assert len(trainer.state.gain_pairs) >= 1
     assert metrics["teamtr/stage/gain_measurements"] == 3
     assert metrics["teamtr/stage/negative_gains"] == sum(mean < 0 for mean, _ in expected)
-    # the dropped pair would change the gain: leaving it in is not the same number
+    # neither the in-sample episodes nor the dropped pair may leak into a number: each would change it
     assert hand_gain(RETURN_TABLE[2], RETURN_TABLE[1])[0] != pytest.approx(expected[0][0])
+    assert hand_gain(RETURN_TABLE[2], RETURN_TABLE[1], trained)[0] != pytest.approx(in_sample[0])
 
 
 def test_stale_schedule_measures_the_whole_stage_with_one_pair(make_trainer, base_configs):
@@ -880,7 +886,7 @@ def test_stale_schedule_measures_the_whole_stage_with_one_pair(make_trainer, bas
     trainer.rollouts.script.returns = lambda g, p, s: RETURN_TABLE[g][(p, s)]
     metrics = {}
     trainer.step(metrics, {})
-    mean, se = hand_gain(RETURN_TABLE[2], RETURN_TABLE[1])
+    mean, se = hand_gain(RETURN_TABLE[2], RETURN_TABLE[1], {(p, s) for p in heldout_of(trainer, 1) for s in range(SESSIONS)})
     assert [u["crn_gain"] for u in trainer.state.ledger] == [pytest.approx(mean)] * 3
     assert trainer.state.gain_pairs == [[pytest.approx(sum(u["bound"] for u in trainer.state.ledger)),
                                          pytest.approx(mean)]]
@@ -905,15 +911,17 @@ def test_certificate_stats_are_logged_over_the_gain_pairs(make_trainer, base_con
 
 def test_a_dropped_heldout_trajectory_does_not_stop_the_stage(make_trainer, base_configs):
     """rollout.n = 2 and one held-out prompt: a failed reward there leaves the held-out group with one trajectory
-    (no leave-one-out baseline). The update is kept and still measured by its paired gain; it just has no bound."""
+    (no leave-one-out baseline) and one held-out pair (no standard error). The update is kept, unmeasured: no bound,
+    no paired gain (the trained episodes' in-sample gain is no stand-in); the next update is measured as usual."""
     trainer = make_trainer(team_config(base_configs, 2), [])
     (held,) = heldout_of(trainer, 1)
     trainer.rollouts.script.drop = {1: {(held, 0)}}
     metrics = {}
     trainer.step(metrics, {})
     alice, bob = trainer.state.ledger
-    assert alice["committed"] and alice["bound"] is None and alice["crn_gain"] == pytest.approx(RETURN_STEP)
-    assert bob["committed"] and bob["bound"] is not None
+    assert alice["committed"] and alice["bound"] is None and alice["measured"] and alice["crn_gain"] is None
+    assert "teamtr/alice/crn_gain" not in metrics and metrics["teamtr/bob/crn_gain"] == pytest.approx(RETURN_STEP)
+    assert bob["committed"] and bob["bound"] is not None and bob["crn_gain"] == pytest.approx(RETURN_STEP)
     assert trainer.state.gain_pairs == [[pytest.approx(bob["bound"]), pytest.approx(RETURN_STEP)]]
 
 
