@@ -407,6 +407,7 @@ class TeamTRTrainer(PPOTrainer):
             metrics[f"teamtr/{update['agent']}/crn_gain_se"] = gain.se
             if gain_train is not None:
                 metrics[f"teamtr/{update['agent']}/crn_gain_train"] = gain_train.mean
+                metrics[f"teamtr/{update['agent']}/crn_gain_train_se"] = gain_train.se
         metrics["teamtr/stage/negative_gains"] = metrics.get("teamtr/stage/negative_gains", 0) + int(gain.mean < 0)
         metrics["teamtr/stage/gain_measurements"] = metrics.get("teamtr/stage/gain_measurements", 0) + 1
 

@@ -860,16 +860,17 @@ def test_paired_gain_of_each_update_is_the_mean_difference_of_its_heldout_episod
     assert metrics["teamtr/rollout/dropped_trajectories"] == 1
     assert metrics["teamtr/stage/episodes"] == 4 * PROMPTS * SESSIONS - 1
     expected = [hand_gain(RETURN_TABLE[g + 1], RETURN_TABLE[g], held) for g in (1, 2, 3)]
-    in_sample = [hand_gain(RETURN_TABLE[2], RETURN_TABLE[1], trained, {dropped})[0],
-                 hand_gain(RETURN_TABLE[3], RETURN_TABLE[2], trained, {dropped})[0],
-                 hand_gain(RETURN_TABLE[4], RETURN_TABLE[3], trained)[0]]
+    in_sample = [hand_gain(RETURN_TABLE[2], RETURN_TABLE[1], trained, {dropped}),
+                 hand_gain(RETURN_TABLE[3], RETURN_TABLE[2], trained, {dropped}),
+                 hand_gain(RETURN_TABLE[4], RETURN_TABLE[3], trained)]
     assert len({round(m, 9) for m, _ in expected}) > 1  # not one number for every update
     for entry, (mean, se), train in zip(trainer.state.ledger, expected, in_sample):
         assert entry["measured"]
         assert entry["crn_gain"] == pytest.approx(mean) and entry["crn_gain_se"] == pytest.approx(se)
         assert metrics[f"teamtr/{entry['agent']}/crn_gain"] == pytest.approx(mean)
         assert metrics[f"teamtr/{entry['agent']}/crn_gain_se"] == pytest.approx(se)
-        assert metrics[f"teamtr/{entry['agent']}/crn_gain_train"] == pytest.approx(train)
+        assert metrics[f"teamtr/{entry['agent']}/crn_gain_train"] == pytest.approx(train[0])
+        assert metrics[f"teamtr/{entry['agent']}/crn_gain_train_se"] == pytest.approx(train[1])
     # an update whose held-out groups were all flat has no bound (0 ± 0 would be a guess), hence no pair
     assert trainer.state.gain_pairs == [[pytest.approx(u["bound"]), pytest.approx(mean)]
                                         for u, (mean, _) in zip(trainer.state.ledger, expected) if u["bound"] is not None]
@@ -878,7 +879,7 @@ def test_paired_gain_of_each_update_is_the_mean_difference_of_its_heldout_episod
     assert metrics["teamtr/stage/negative_gains"] == sum(mean < 0 for mean, _ in expected)
     # neither the in-sample episodes nor the dropped pair may leak into a number: each would change it
     assert hand_gain(RETURN_TABLE[2], RETURN_TABLE[1])[0] != pytest.approx(expected[0][0])
-    assert hand_gain(RETURN_TABLE[2], RETURN_TABLE[1], trained)[0] != pytest.approx(in_sample[0])
+    assert hand_gain(RETURN_TABLE[2], RETURN_TABLE[1], trained)[0] != pytest.approx(in_sample[0][0])
 
 
 def test_stale_schedule_measures_the_whole_stage_with_one_pair(make_trainer, base_configs):
