@@ -882,6 +882,19 @@ def test_paired_gain_of_each_update_is_the_mean_difference_of_its_heldout_episod
     assert hand_gain(RETURN_TABLE[2], RETURN_TABLE[1], trained)[0] != pytest.approx(in_sample[0][0])
 
 
+def test_without_heldout_groups_the_gain_is_taken_over_all_episodes(make_trainer, base_configs):
+    """certificate.heldout_fraction = 0: nothing is out of sample, so the gain is the all-episode one (as documented)
+    and there is no separate in-sample gain."""
+    trainer = make_trainer(team_config(base_configs, 2, **{"certificate.heldout_fraction": 0.0}), [])
+    trainer.rollouts.script.returns = lambda g, p, s: RETURN_TABLE[g][(p, s)]
+    metrics = {}
+    trainer.step(metrics, {})
+    expected = [hand_gain(RETURN_TABLE[2], RETURN_TABLE[1]), hand_gain(RETURN_TABLE[3], RETURN_TABLE[2])]
+    assert [(u["crn_gain"], u["crn_gain_se"]) for u in trainer.state.ledger] == [
+        (pytest.approx(mean), pytest.approx(se)) for mean, se in expected]
+    assert not [key for key in metrics if "crn_gain_train" in key]
+
+
 def test_stale_schedule_measures_the_whole_stage_with_one_pair(make_trainer, base_configs):
     trainer = make_trainer(team_config(base_configs, 3, schedule="stale"), [])
     trainer.rollouts.script.returns = lambda g, p, s: RETURN_TABLE[g][(p, s)]
