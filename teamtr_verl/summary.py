@@ -155,7 +155,8 @@ def summarize(stages: dict[int, dict]) -> str:
             f"  certificate: {report['updates']} updates with a bound and a paired gain; calibration "
             f"{report['calibration']:.2f} (gain >= bound), Spearman {report['spearman']:.2f} per update, "
             f"{report['spearman_cumulative']:.2f} cumulative; sum of bounds {report['bound_sum']:+.4f} vs paired gains "
-            f"{report['gain_sum']:+.4f}")
+            f"{report['gain_sum']:+.4f}" + (f" (in-sample, on the trained episodes: {report['gain_train_sum']:+.4f})"
+                                            if math.isfinite(report["gain_train_sum"]) else ""))
         lines.append(
             f"  gain estimates: median SE paired (CRN) {report['se_paired']:.4f}, importance-sampled (held-out) "
             f"{report['se_is']:.4f}; backtracks per update {report['backtracks']:.2f}; committed KL used "
@@ -173,6 +174,7 @@ def update_records(stages: dict) -> list[dict]:
                 continue
             records.append({"stage": step, "agent": agent, "committed": data[p + "committed"],
                             "bound": data.get(p + "bound"), "gain": data.get(p + "crn_gain"),
+                            "gain_train": data.get(p + "crn_gain_train"),
                             "se_paired": data.get(p + "crn_gain_se"), "se_is": data.get(p + "is_gain_se"),
                             "backtracks": data.get(p + "backtracks", 0.0), "delta_used": data.get(p + "delta_used"),
                             "position": data.get(p + "position", 0)})
@@ -204,6 +206,9 @@ def certificate_report(runs: list[dict]) -> dict:
               "backtracks": mean(r["backtracks"] for r in records_all) if records_all else nan,
               "delta_used": median_of("delta_used"),
               "give_ups": sum(1 for r in records_all if not r["committed"])}
+    # the same updates' in-sample gains (crn_gain_train: logged since the gain moved to the held-out groups), if all have one
+    in_sample = [r["gain_train"] for r in records_all if r["bound"] is not None and r["gain"] is not None]
+    report["gain_train_sum"] = sum(in_sample) if in_sample and None not in in_sample else nan
     if pairs:
         bounds, gains = zip(*pairs)
         report.update(calibration=algos.calibration_fraction(bounds, gains), bound_sum=sum(bounds),

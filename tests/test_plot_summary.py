@@ -47,6 +47,23 @@ def test_summary_states_the_numbers(tmp_path):
            "committed KL used 60% of delta (median)" in text
 
 
+def test_summary_adds_the_in_sample_gains_when_the_run_logged_them(tmp_path):
+    """A run that logged crn_gain_train (the gain on the trained episodes) gets their sum beside the held-out one;
+    a run that did not (older runs) prints the line as before."""
+    write_metrics(tmp_path / "m.jsonl")
+    plain = summary.summarize(summary.load_stages(tmp_path / "m.jsonl"))
+    assert "in-sample" not in plain
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    for row in rows:  # in-sample gain = held-out gain + 0.01 for each of the 6 updates: sum 0.18 + 0.06
+        if "teamtr/stage/return_mean" in row["data"]:
+            row["data"].update({f"teamtr/{a}/crn_gain_train": row["data"][f"teamtr/{a}/crn_gain"] + 0.01
+                                for a in ("alice", "bob")})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = summary.summarize(summary.load_stages(tmp_path / "m.jsonl"))
+    assert "vs paired gains +0.1800 (in-sample, on the trained episodes: +0.2400)" in text
+    assert text.replace(" (in-sample, on the trained episodes: +0.2400)", "") == plain
+
+
 def test_a_swap_s_metrics_are_not_an_agent(tmp_path):
     """teamtr/stage0/... (an aligned swap) and teamtr/<frozen>/replaced (a direct swap of a frozen agent) name no
     trained agent: the summary and the plot list alice and bob only, with the same numbers."""
