@@ -387,11 +387,14 @@ class TeamTRTrainer(PPOTrainer):
     def _record_paired_gain(self, before: TeamRollout, after: TeamRollout, metrics: dict,
                             untrained: frozenset[int]) -> None:
         """The gain of the updates made between two regenerations of the same episodes (paired: same prompts, same
-        sampling seeds), measured on the ``untrained`` prompts (held out of those updates; all of them when none is).
-        On the episodes an update trained on, the seeds replay the very samples it was fitted to: an in-sample gain,
-        logged beside it as ``crn_gain_train`` and never used by the certificate."""
+        sampling seeds), measured on the ``untrained`` prompts (held out of those updates). On the episodes an update
+        trained on, the seeds replay the very samples it was fitted to: an in-sample gain, logged beside it as
+        ``crn_gain_train`` and never used by the certificate. Where none of the regenerated prompts is held out
+        (``heldout_fraction`` 0, a one-prompt part under ``split``) the gain is the all-episode one, and such an
+        update has no bound either, so it never makes a calibration pair."""
         old, new = before.episode_returns(), after.episode_returns()
         both = sorted(set(old) & set(new))  # a dropped trajectory (failed reward) leaves its pair out
+        untrained = untrained & set(after.prompt_of.values())  # the held-out prompts of these regenerations
         measured = [e for e in both if e[0] in untrained] if untrained else both
         if len(measured) < 2:  # other prompts (split) or too few pairs: these updates stay unmeasured, never misattributed
             self.state.forget_unmeasured(self.global_steps)

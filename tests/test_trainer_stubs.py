@@ -1620,6 +1620,36 @@ def test_split_prompts_give_each_update_its_own_part_with_the_stages_seeds(make_
     assert metrics["teamtr/stage/gain_measurements"] == 1
 
 
+def test_split_measures_the_last_update_on_its_parts_heldout_prompt_or_on_a_one_prompt_part_whole(make_trainer,
+                                                                                                    base_configs):
+    """split, 2 agents: parts [0, 1], [2, 3]; the closing regeneration (3) repeats bob's (2), and bob's gain is taken
+    on the held-out prompt of his part, the in-sample one on the other. 3 agents over 4 prompts: the last part has one
+    prompt, none held out: the gain is the all-episode one and, without a bound, no calibration pair."""
+    trainer = make_trainer(team_config(base_configs, 2, prompts_per_update="split"), [])
+    trainer.rollouts.script.returns = lambda g, p, s: RETURN_TABLE[g][(p, s)]
+    metrics = {}
+    trainer.step(metrics, {})
+    (held,) = {episode_of(k)[0] for agent, keys in trainer.measured_keys if agent == "bob" for k in keys}
+    (other,) = {2, 3} - {held}  # held-out prompts under split are drawn within each part
+    bob = trainer.state.ledger[1]
+    mean, se = hand_gain(RETURN_TABLE[3], RETURN_TABLE[2], {(held, s) for s in range(SESSIONS)})
+    assert (bob["crn_gain"], bob["crn_gain_se"]) == (pytest.approx(mean), pytest.approx(se))
+    train = hand_gain(RETURN_TABLE[3], RETURN_TABLE[2], {(other, s) for s in range(SESSIONS)})[0]
+    assert metrics["teamtr/bob/crn_gain_train"] == pytest.approx(train) and train != pytest.approx(mean)
+
+    trainer = make_trainer(team_config(base_configs, 3, prompts_per_update="split"), [])
+    trainer.rollouts.script.returns = lambda g, p, s: RETURN_TABLE[g][(p, s)]
+    metrics = {}
+    trainer.step(metrics, {})
+    last = sorted(episode_of(f"{uid}_0_0")[0] for uid in trainer.rollouts.submitted[-1]["uid"])
+    assert len(last) == 1  # a one-prompt part
+    carol = trainer.state.ledger[2]
+    mean, se = hand_gain(RETURN_TABLE[4], RETURN_TABLE[3], {(last[0], s) for s in range(SESSIONS)})
+    assert (carol["crn_gain"], carol["crn_gain_se"]) == (pytest.approx(mean), pytest.approx(se))
+    assert carol["bound"] is None and trainer.state.gain_pairs == []
+    assert "teamtr/carol/crn_gain_train" not in metrics
+
+
 # ------------------------------------------------------------------------------------------------ prefix reuse
 def reused_turns(regeneration) -> set[int]:
     """How many leading turns each episode of a regeneration got from the previous one (one value, or empty)."""
