@@ -35,7 +35,8 @@ def run_main_ppo(config_name: str, overrides: list[str], metrics: Path, timeout_
 def cached_main_ppo(config_name: str, overrides: list[str], metrics: Path, steps: int) -> tuple[dict, str]:
     """:func:`run_main_ppo`, unless an earlier invocation ran the same config, overrides and code (:func:`_commit`)
     to at least ``steps`` steps (``<metrics>.mem``: that key, then the memory line): an interrupted benchmark
-    continues where it stopped. Only the first ``steps`` steps are returned."""
+    continues where it stopped. Only the first ``steps`` steps are returned. An earlier run's metrics that do not
+    match are kept as ``<stem>.superseded-<mtime>.jsonl``, never overwritten."""
     key = json.dumps([config_name, overrides, _commit()])
     memory_file = metrics.with_suffix(".mem")
     cached = memory_file.read_text().splitlines() if memory_file.is_file() else []
@@ -43,6 +44,11 @@ def cached_main_ppo(config_name: str, overrides: list[str], metrics: Path, steps
         rows = read_metrics(metrics)
         return {step: rows[step] for step in sorted(rows)[:steps]}, cached[1]
     memory_file.unlink(missing_ok=True)  # a run that fails now leaves no memory line of an earlier one
+    if metrics.is_file() and metrics.stat().st_size:  # another code or config: keep the earlier run's metrics aside
+        stamp, n = int(metrics.stat().st_mtime), 0
+        while (aside := metrics.with_name(f"{metrics.stem}.superseded-{stamp}{f'-{n}' * bool(n)}{metrics.suffix}")).exists():
+            n += 1
+        metrics.rename(aside)
     rows, memory = run_main_ppo(config_name, overrides, metrics)
     memory_file.write_text(f"{key}\n{memory}\n")
     return rows, memory

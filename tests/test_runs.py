@@ -40,3 +40,30 @@ def test_a_process_that_leads_no_session_is_refused():
             kill_session(plain)
     finally:
         plain.kill(), plain.wait()
+
+
+def test_a_benchmark_run_never_overwrites_an_earlier_runs_metrics(tmp_path, monkeypatch):
+    """benchmarks/verl_runs.cached_main_ppo: metrics of another code or config are kept aside, a matching run reused."""
+    import json
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import verl_runs
+
+    started = []
+
+    def fake_run(config_name, overrides, metrics):
+        started.append(overrides)
+        metrics.write_text(json.dumps({"step": 1, "data": {"run": len(started)}}) + "\n")
+        return {1: {"run": len(started)}}, "rc=0 wall_s=1"
+
+    monkeypatch.setattr(verl_runs, "run_main_ppo", fake_run)
+    metrics = tmp_path / "n2_s0_teamtr.jsonl"
+    assert verl_runs.cached_main_ppo("cfg", ["a=1"], metrics, 1) == ({1: {"run": 1}}, "rc=0 wall_s=1")
+    assert verl_runs.cached_main_ppo("cfg", ["a=1"], metrics, 1)[0][1]["run"] == 1 and len(started) == 1  # reused
+    verl_runs.cached_main_ppo("cfg", ["a=2"], metrics, 1)  # another config: runs again
+    verl_runs.cached_main_ppo("cfg", ["a=3"], metrics, 1)  # and again, within the same second: a second name
+    superseded = sorted(tmp_path.glob("n2_s0_teamtr.superseded-*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(started) == 3 and len(superseded) == 2
+    assert [json.loads(p.read_text())["data"] for p in superseded] == [{"run": 1}, {"run": 2}]
+    assert json.loads(metrics.read_text())["data"] == {"run": 3}
