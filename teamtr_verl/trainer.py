@@ -394,14 +394,18 @@ class TeamTRTrainer(PPOTrainer):
         update has no bound either, so it never makes a calibration pair."""
         old, new = before.episode_returns(), after.episode_returns()
         both = sorted(set(old) & set(new))  # a dropped trajectory (failed reward) leaves its pair out
-        untrained = untrained & set(after.prompt_of.values())  # the held-out prompts of these regenerations
-        measured = [e for e in both if e[0] in untrained] if untrained else both
+        held = untrained & set(after.prompt_of.values())  # the held-out prompts of these regenerations
+        trained = [e for e in both if e[0] not in held]
+        measured = [e for e in both if e[0] in held] if held else trained
         if len(measured) < 2:  # other prompts (split) or too few pairs: these updates stay unmeasured, never misattributed
             self.state.forget_unmeasured(self.global_steps)
             return
-        gain = algos.paired_gain([new[e] for e in measured], [old[e] for e in measured])
-        trained = [e for e in both if e[0] not in untrained] if untrained else []
-        gain_train = algos.paired_gain([new[e] for e in trained], [old[e] for e in trained]) if len(trained) > 1 else None
+
+        def gain_on(episodes):
+            return algos.paired_gain([new[e] for e in episodes], [old[e] for e in episodes])
+
+        gain = gain_on(measured)
+        gain_train = gain_on(trained) if held and len(trained) > 1 else None
         updates = self.state.record_paired_gain(gain, self.global_steps)
         if updates and all(update.get("stage0") for update in updates):
             return  # the swap's own gain: teamtr/stage0/crn_gain (_log_stage), never the agent's or the stage's
