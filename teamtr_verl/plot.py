@@ -15,7 +15,7 @@ import sys
 from itertools import accumulate
 from pathlib import Path
 
-from teamtr_verl.summary import agents_of, load_stages, update_records
+from teamtr_verl.summary import agents_of, load_stages, measured_pairs, update_records
 
 PANELS = ("KL per update vs δ", "β per agent", "team return", "certificate vs paired gain (per update)", "stage time by phase")
 PHASES = ("gen_s", "update_s", "sync_s")
@@ -53,8 +53,8 @@ def plot(metrics_path: str | Path, out: str | Path) -> list[str]:
         beta_ax.plot(steps, series(f"teamtr/{agent}/beta"), marker="o", label=agent)
     kl_ax.set_yscale("log")
     ret_ax.plot(steps, series("teamtr/stage/return_mean"), marker="o")
-    pairs = [(r["bound"], r["gain"]) for r in update_records(stages) if r["bound"] is not None and r["gain"] is not None]
-    if pairs:  # per update, in order: the cumulative bound under the cumulative paired gain (paper Fig. 4b)
+    pairs = [(p["bound"], p["gain"]) for p in measured_pairs(update_records(stages))]
+    if pairs:  # per measured pair, in order: the cumulative bound under the cumulative paired gain (paper Fig. 4b)
         index = list(range(1, len(pairs) + 1))
         cert_ax.plot(index, list(accumulate(b for b, _ in pairs)), marker="o", label="Σ bound")
         cert_ax.plot(index, list(accumulate(g for _, g in pairs)), marker="s", label="Σ paired gain")

@@ -153,7 +153,8 @@ def summarize(stages: dict[int, dict]) -> str:
     if report["updates"]:
         lines.append(
             f"  certificate: {report['updates']} updates with a bound and a paired gain; calibration "
-            f"{report['calibration']:.2f} (gain >= bound), Spearman {report['spearman']:.2f} per update, "
+            f"{report['calibration']:.2f} (gain >= bound), {report['calibration_noisy']:.2f} counting the gain's own "
+            f"noise (gain + 1.645 SE >= bound; a 95 % bound scores >= 0.90), Spearman {report['spearman']:.2f} per update, "
             f"{report['spearman_cumulative']:.2f} cumulative; sum of bounds {report['bound_sum']:+.4f} vs paired gains "
             f"{report['gain_sum']:+.4f}" + (f" (in-sample, on the trained episodes: {report['gain_train_sum']:+.4f})"
                                             if math.isfinite(report["gain_train_sum"]) else ""))
@@ -174,16 +175,36 @@ def update_records(stages: dict) -> list[dict]:
                 continue
             records.append({"stage": step, "agent": agent, "committed": data[p + "committed"],
                             "bound": data.get(p + "bound"), "gain": data.get(p + "crn_gain"),
-                            "gain_train": data.get(p + "crn_gain_train"),
+                            "gain_train": data.get(p + "crn_gain_train"), "pair": data.get(p + "crn_pair"),
                             "se_paired": data.get(p + "crn_gain_se"), "se_is": data.get(p + "is_gain_se"),
                             "backtracks": data.get(p + "backtracks", 0.0), "delta_used": data.get(p + "delta_used"),
                             "position": data.get(p + "position", 0)})
     return sorted(records, key=lambda r: (r["stage"], r["position"]))
 
 
+def measured_pairs(records: list[dict]) -> list[dict]:
+    """The (bound, paired gain) pairs of one run's update records, as the trainer's ledger forms them: the updates
+    made between two regenerations share one paired gain (stale: a whole stage), so they make one pair whose bound
+    is the sum of their bounds; a pair needs a bound for every committed update in it and at least one commit.
+    Runs logged before ``crn_pair`` existed read as one pair per update."""
+    shared: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["gain"] is not None:  # one measurement, logged under each of its updates' names
+            pair = r["pair"] if r["pair"] is not None else (r["agent"],)
+            shared.setdefault((r["stage"], pair), []).append(r)
+    pairs = []
+    for updates in shared.values():
+        committed = [r for r in updates if r["committed"]]
+        if committed and all(r["bound"] is not None for r in committed):
+            first = updates[0]
+            pairs.append({"bound": sum(r["bound"] for r in committed), "gain": first["gain"],
+                          "se": first["se_paired"], "gain_train": first["gain_train"]})
+    return pairs
+
+
 def certificate_report(runs: list[dict]) -> dict:
     """How informative the certificate was over one or more runs (each ``{stage: metrics}``): calibration and
-    Spearman of (bound, paired gain) per update pooled over runs; the cumulative Spearman is per run, then averaged
+    Spearman of (bound, paired gain) per pair pooled over runs; the cumulative Spearman is per run, then averaged
     (cumulative series of different runs do not concatenate); medians of the gain estimates' standard errors."""
     from teamtr_verl import algos
 
@@ -191,28 +212,32 @@ def certificate_report(runs: list[dict]) -> dict:
     for stages in runs:
         records = update_records(stages)
         records_all += records
-        run_pairs = [(r["bound"], r["gain"]) for r in records if r["bound"] is not None and r["gain"] is not None]
+        run_pairs = measured_pairs(records)
         pairs += run_pairs
         if len(run_pairs) >= 3:
-            cumulative.append(algos.cumulative_spearman(*zip(*run_pairs)))
+            cumulative.append(algos.cumulative_spearman([p["bound"] for p in run_pairs], [p["gain"] for p in run_pairs]))
     nan = math.nan
 
     def median_of(key):
         values = [r[key] for r in records_all if r.get(key) is not None and math.isfinite(r[key])]
         return median(values) if values else nan
 
-    report = {"updates": len(pairs), "calibration": nan, "spearman": nan, "spearman_cumulative": nan,
-              "bound_sum": nan, "gain_sum": nan, "se_paired": median_of("se_paired"), "se_is": median_of("se_is"),
+    report = {"updates": len(pairs), "calibration": nan, "calibration_noisy": nan, "spearman": nan,
+              "spearman_cumulative": nan, "bound_sum": nan, "gain_sum": nan, "se_paired": median_of("se_paired"),
+              "se_is": median_of("se_is"),
               "backtracks": mean(r["backtracks"] for r in records_all) if records_all else nan,
               "delta_used": median_of("delta_used"),
               "give_ups": sum(1 for r in records_all if not r["committed"])}
-    # the same updates' in-sample gains (crn_gain_train: logged since the gain moved to the held-out groups), if all have one
-    in_sample = [r["gain_train"] for r in records_all if r["bound"] is not None and r["gain"] is not None]
+    # the same pairs' in-sample gains (crn_gain_train: logged since the gain moved to the held-out groups), if all have one
+    in_sample = [p["gain_train"] for p in pairs]
     report["gain_train_sum"] = sum(in_sample) if in_sample and None not in in_sample else nan
     if pairs:
-        bounds, gains = zip(*pairs)
+        bounds, gains = [p["bound"] for p in pairs], [p["gain"] for p in pairs]
         report.update(calibration=algos.calibration_fraction(bounds, gains), bound_sum=sum(bounds),
                       gain_sum=sum(gains))
+        ses = [p["se"] for p in pairs]
+        if all(se is not None and math.isfinite(se) for se in ses):
+            report["calibration_noisy"] = algos.calibration_fraction(bounds, gains, ses)
         if len(pairs) >= 3:
             report["spearman"] = algos.spearman_rank_correlation(bounds, gains)
     if cumulative:

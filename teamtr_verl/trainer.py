@@ -409,7 +409,8 @@ class TeamTRTrainer(PPOTrainer):
         updates = self.state.record_paired_gain(gain, self.global_steps)
         if updates and all(update.get("stage0") for update in updates):
             return  # the swap's own gain: teamtr/stage0/crn_gain (_log_stage), never the agent's or the stage's
-        for update in updates:
+        for update in updates:  # crn_pair: which of the stage's measurements; updates that share one (stale) share it
+            metrics[f"teamtr/{update['agent']}/crn_pair"] = metrics.get("teamtr/stage/gain_measurements", 0)
             metrics[f"teamtr/{update['agent']}/crn_gain"] = gain.mean
             metrics[f"teamtr/{update['agent']}/crn_gain_se"] = gain.se
             if gain_train is not None:

@@ -716,6 +716,25 @@ def test_calibration_fraction():
         algos.calibration_fraction([], [])
 
 
+
+def test_calibration_fraction_counts_the_gains_own_noise():
+    # bounds [0, 1, 2, 0], gains [-0.2, 0.5, 1.0, -0.5], SEs [0.2, 0.2, 0.5, 0.1]:
+    #   exact reading: [violated, violated, violated, violated] -> 0
+    #   upper limits gain + 1.645 SE = [0.129, 0.829, 1.8225, -0.3355] -> [ok, violated, violated, violated] -> 1/4
+    #   with z 2: [0.2, 0.9, 2.0, -0.3] -> [ok, violated, ok (equality counts), violated] -> 2/4
+    bounds, gains, se = [0.0, 1.0, 2.0, 0.0], [-0.2, 0.5, 1.0, -0.5], [0.2, 0.2, 0.5, 0.1]
+    assert algos.calibration_fraction(bounds, gains) == 0.0
+    assert algos.calibration_fraction(bounds, gains, se) == pytest.approx(1 / 4)
+    assert algos.calibration_fraction(bounds, gains, se, z=2.0) == pytest.approx(2 / 4)
+    # SE 0 is an exact gain: the plain fraction
+    assert algos.calibration_fraction(bounds, gains, [0.0] * 4) == 0.0
+    with pytest.raises(ValueError, match=r"gain_se must be >= 0, got gain_se\[1\]=-0.1"):
+        algos.calibration_fraction([0.0, 0.0], [0.0, 0.0], [0.1, -0.1])
+    with pytest.raises(ValueError, match=r"gain_se must have the shape of gains"):
+        algos.calibration_fraction([0.0, 0.0], [0.0, 0.0], [0.1])
+    with pytest.raises(ValueError, match=r"z must be > 0, got z=0"):
+        algos.calibration_fraction([0.0], [0.0], [0.1], z=0)
+
 def test_average_ranks_and_spearman_hand_values():
     # ranks of [10, 20, 20, 30] = [1, 2.5, 2.5, 4]
     assert algos.average_ranks([10, 20, 20, 30]).tolist() == [1.0, 2.5, 2.5, 4.0]

@@ -40,7 +40,10 @@ def test_summary_states_the_numbers(tmp_path):
            "6 backtracks" in text
     # gain >= bound for a1, a2, b2, a3; not for b1 (0 < 0.004) nor b3 (0.01 < 0.02): 4/6. Ranks of the bounds
     # [1,3,2,5,4,6], of the gains [3,1,4,5,6,2]: Σd² = 4+4+4+0+4+16 = 32, ρ = 1 − 6·32/(6·35) = 0.086.
-    assert "6 updates with a bound and a paired gain; calibration 0.67 (gain >= bound), Spearman 0.09 per update" in text
+    # Counting the gains' own noise (gain + 1.645 SE, SE 0.01 alice / 0.02 bob): b1 0 + 0.0329 >= 0.004 and
+    # b3 0.01 + 0.0329 >= 0.02 count too: 6/6.
+    assert "6 updates with a bound and a paired gain; calibration 0.67 (gain >= bound), 1.00 counting the gain's own " \
+           "noise (gain + 1.645 SE >= bound; a 95 % bound scores >= 0.90), Spearman 0.09 per update" in text
     assert "sum of bounds +0.0360 vs paired gains +0.1800" in text
     # median SEs: paired over [0.01, 0.02] x 3 -> 0.015; held-out 0.02; δ used 0.5, 0.6, 0.7 for both -> median 0.6
     assert "median SE paired (CRN) 0.0150, importance-sampled (held-out) 0.0200; backtracks per update 2.00; " \
@@ -63,6 +66,39 @@ def test_summary_adds_the_in_sample_gains_when_the_run_logged_them(tmp_path):
     assert "vs paired gains +0.1800 (in-sample, on the trained episodes: +0.2400)" in text
     assert text.replace(" (in-sample, on the trained episodes: +0.2400)", "") == plain
 
+
+
+def test_updates_that_share_one_paired_gain_make_one_pair(tmp_path):
+    """Stale: both updates of a stage are measured by the stage's one pair of regenerations, so the trainer logs the
+    same gain under both names; the pair's bound is the sum of the committed updates' bounds (a give-up has none)."""
+    write_metrics(tmp_path / "m.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    stage_gains = {1: 0.0, 2: 0.05, 3: 0.005}
+    for row in rows:
+        data, step = row["data"], row["step"]
+        if "teamtr/stage/return_mean" not in data:
+            continue
+        for agent in ("alice", "bob"):
+            data.update({f"teamtr/{agent}/crn_gain": stage_gains[step], f"teamtr/{agent}/crn_gain_se": 0.02,
+                         f"teamtr/{agent}/crn_pair": 0})
+        if step == 3:  # bob gave up: weights restored, no bound
+            data.update({"teamtr/bob/committed": 0.0})
+            del data["teamtr/bob/bound"]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = summary.certificate_report([summary.load_stages(tmp_path / "m.jsonl")])
+    # pairs: (−0.01 + 0.004, 0.0), (0.0 + 0.012, 0.05), (0.01, 0.005): bound sums −0.006, 0.012, 0.01 -> 0.016
+    assert report["updates"] == 3
+    assert report["bound_sum"] == pytest.approx(0.016) and report["gain_sum"] == pytest.approx(0.055)
+    # gain >= bound: yes, yes, no (0.005 < 0.01); with 1.645 x 0.02 = 0.0329 added: 0.0379 >= 0.01
+    assert report["calibration"] == pytest.approx(2 / 3) and report["calibration_noisy"] == 1.0
+    # ranks of the bounds [1, 3, 2] and of the gains [1, 3, 2]: ρ = 1
+    assert report["spearman"] == pytest.approx(1.0)
+    # two updates of a stage with equal gains but two measurements (teamtr, a team with no gradient) stay two pairs
+    for row in rows:
+        if row["step"] == 1 and "teamtr/stage/return_mean" in row["data"]:
+            row["data"]["teamtr/bob/crn_pair"] = 1
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert summary.certificate_report([summary.load_stages(tmp_path / "m.jsonl")])["updates"] == 4
 
 def test_a_swap_s_metrics_are_not_an_agent(tmp_path):
     """teamtr/stage0/... (an aligned swap) and teamtr/<frozen>/replaced (a direct swap of a frozen agent) name no

@@ -44,7 +44,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.utils.losses import ppo_loss
 
 import teamtr_verl.trainer as trainer_module
-from teamtr_verl import algos
+from teamtr_verl import algos, summary
 from teamtr_verl.algos import BetaState
 from teamtr_verl.config import AgentSpec, TeamConfig
 from teamtr_verl.defaults import PREFIX_FIELD
@@ -876,6 +876,11 @@ def test_paired_gain_of_each_update_is_the_mean_difference_of_its_heldout_episod
                                         for u, (mean, _) in zip(trainer.state.ledger, expected) if u["bound"] is not None]
     assert len(trainer.state.gain_pairs) >= 1
     assert metrics["teamtr/stage/gain_measurements"] == 3
+    # each update its own measurement; the summary, from the logged metrics alone, forms the ledger's pairs
+    assert [metrics[f"teamtr/{u['agent']}/crn_pair"] for u in trainer.state.ledger] == [0, 1, 2]
+    report = summary.certificate_report([{1: metrics}])
+    assert report["updates"] == len(trainer.state.gain_pairs)
+    assert report["bound_sum"] == pytest.approx(sum(b for b, _ in trainer.state.gain_pairs))
     assert metrics["teamtr/stage/negative_gains"] == sum(mean < 0 for mean, _ in expected)
     # neither the in-sample episodes nor the dropped pair may leak into a number: each would change it
     assert hand_gain(RETURN_TABLE[2], RETURN_TABLE[1])[0] != pytest.approx(expected[0][0])
@@ -906,6 +911,10 @@ def test_stale_schedule_measures_the_whole_stage_with_one_pair(make_trainer, bas
                                          pytest.approx(mean)]]
     assert all(metrics[f"teamtr/{n}/crn_gain"] == pytest.approx(mean) for n in NAMES)
     assert metrics["teamtr/stage/gain_measurements"] == 1
+    # one measurement under three names: the summary reads it as the ledger's one pair (not three)
+    assert [metrics[f"teamtr/{n}/crn_pair"] for n in NAMES] == [0, 0, 0]
+    report = summary.certificate_report([{1: metrics}])
+    assert report["updates"] == 1 and report["bound_sum"] == pytest.approx(trainer.state.gain_pairs[0][0])
 
 
 def test_certificate_stats_are_logged_over_the_gain_pairs(make_trainer, base_configs):

@@ -354,12 +354,20 @@ def _as_1d_finite(name: str, x: Any) -> np.ndarray:
     return arr
 
 
-def calibration_fraction(bounds: Any, gains: Any) -> float:
+def calibration_fraction(bounds: Any, gains: Any, gain_se: Any = None, z: float = 1.645) -> float:
     """Fraction of updates (or stages) whose measured gain ΔJ_i is >= its lower bound.
+
+    With ``gain_se`` the measured gain is treated as the estimate it is (a paired gain from sampled episodes): a pair
+    counts when its upper limit ``gain + z·gain_se`` reaches the bound. If the bound holds with probability >= 1 − α
+    and the gain's upper limit holds with >= 1 − α′, both hold with >= 1 − α − α′ (union bound, whatever their
+    dependence), so a 95 % bound against a one-sided 95 % limit (z 1.645) should score >= 0.90. Without it a noisy
+    yardstick alone pulls a calibrated bound below its level (an exact gain, as in the simulator, has no such noise).
 
     Args:
         bounds: shape (n,), the bounds (e.g. ``UpdateBound.bound`` or ``StageCertificate.certificate``).
         gains: shape (n,), the measured ΔJ_i.
+        gain_se: shape (n,), the standard errors of the measured gains (>= 0), or None (the gains are exact).
+        z: the gain's one-sided normal quantile (1.645: 95 %); used only with ``gain_se``.
 
     Returns:
         float in [0, 1].
@@ -370,6 +378,14 @@ def calibration_fraction(bounds: Any, gains: Any) -> float:
         raise ValueError(f"gains must have the shape of bounds {b.shape}, got gains with shape {g.shape}")
     if b.size == 0:
         raise ValueError("bounds must be non-empty, got bounds=[]")
+    if gain_se is not None:
+        se = _as_1d_finite("gain_se", gain_se)
+        if se.shape != g.shape:
+            raise ValueError(f"gain_se must have the shape of gains {g.shape}, got gain_se with shape {se.shape}")
+        if (se < 0).any():
+            i = int(np.flatnonzero(se < 0)[0])
+            raise ValueError(f"gain_se must be >= 0, got gain_se[{i}]={float(se[i])!r}")
+        g = g + _check_positive("z", z) * se
     return float(np.mean(g >= b))
 
 
