@@ -725,9 +725,7 @@ class TeamTRTrainer(PPOTrainer):
         # every held-out episode counts, also one where the agent did not speak (a random router): there W = 1
         in_heldout = torch.tensor([rollout.is_heldout(t, heldout) for t in rollout.trajectories], dtype=torch.bool)
         usable = usable & in_heldout
-        if int(usable.sum()) < 2:  # e.g. a dropped held-out trajectory left its group alone: no finite bound
-            return log_w, None
-        if not bool(centered[usable].any()):  # every held-out group is flat: 0 ± 0 would be a guess, not a bound
+        if not algos.can_bound(centered, usable):  # too few held-out trajectories, or every held-out group flat
             return log_w, None
         cert = self.team.certificate
         return_range = cert.return_range or (max(returns) - min(returns)) or 1.0

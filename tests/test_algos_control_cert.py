@@ -325,6 +325,16 @@ def test_leave_one_out_centered_hand_values():
         algos.leave_one_out_centered([1.0, 0.0], ["a"])
 
 
+
+def test_can_bound_needs_two_usable_trajectories_and_a_group_that_is_not_flat():
+    # groups [a, a, b, b], returns [1, 0, 1, 1]: c = [1, −1, 0, 0]; group b is flat (c = 0 on both)
+    c, usable = algos.leave_one_out_centered([1.0, 0.0, 1.0, 1.0], ["a", "a", "b", "b"])
+    assert algos.can_bound(c, usable)
+    held_b = usable & torch.tensor([False, False, True, True])
+    assert not algos.can_bound(c, held_b)  # only the flat group held out: 0 ± 0 whatever the update did
+    assert not algos.can_bound(c, usable & torch.tensor([True, False, False, False]))  # one trajectory: no SE
+    assert algos.can_bound(c, usable & torch.tensor([True, False, True, False]))  # c = [1, 0]: informative
+
 def _three_rows():
     # 3 messages of the updated agent (rows), 2 trajectories; padding holds NaN and must not be read.
     #   row 0, trajectory 0: tokens ln 2, ln 1.5 (message ratio 3)

@@ -30,6 +30,7 @@ from teamtr_verl.algos.certificate import (
     UpdateBound,
     average_ranks,
     calibration_fraction,
+    can_bound,
     cumulative_spearman,
     importance_gain,
     is_lower_bound,
@@ -98,7 +99,7 @@ __all__ = [
     # control
     "BetaState", "LineSearchResult", "StepEval", "adapt_beta", "first_step_fraction", "line_search",
     # certificate
-    "GainEstimate", "UpdateBound", "average_ranks", "calibration_fraction", "cumulative_spearman",
+    "GainEstimate", "UpdateBound", "average_ranks", "calibration_fraction", "can_bound", "cumulative_spearman",
     "importance_gain", "is_lower_bound", "leave_one_out_centered", "paired_gain", "spearman_rank_correlation",
     "surrogate_gain", "theorem_bound", "theorem_constant", "trajectory_log_ratio", "trajectory_ratio_excess",
     "update_bound",

@@ -139,6 +139,19 @@ def leave_one_out_centered(returns: Any, groups: Any) -> tuple[torch.Tensor, tor
     return centered, usable
 
 
+
+def can_bound(centered: torch.Tensor, usable: torch.Tensor) -> bool:
+    """Whether the usable (held-out) trajectories can bound an update at all: at least two of them, and at least one
+    with c ≠ 0. Where every held-out group is flat (all successes, or all failures) every term (W − 1)·c is 0, so a
+    bound would read 0 ± 0 whatever the update did: a guess, not a bound (the caller reports none).
+
+    Args:
+        centered: shape (n,), c from :func:`leave_one_out_centered`.
+        usable: shape (n,) bool, the trajectories the bound may use.
+    """
+    keep = torch.as_tensor(usable, dtype=torch.bool)
+    return int(keep.sum()) >= 2 and bool(torch.as_tensor(centered)[keep].any())
+
 # ------------------------------------------------------------------------------------------- gain estimates
 
 
@@ -445,6 +458,7 @@ __all__ = [
     "trajectory_log_ratio",
     "trajectory_ratio_excess",
     "leave_one_out_centered",
+    "can_bound",
     "GainEstimate",
     "paired_gain",
     "importance_gain",
