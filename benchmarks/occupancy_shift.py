@@ -517,7 +517,7 @@ def run(task_name: str, n_agents: int, schedule: str, seed: int, stages: int, cf
     return dict(task=task_name, router=router, agents=n_agents, schedule=schedule, seed=seed, stages=stages,
                 delta=cfg.delta, lr=cfg.lr, epochs=cfg.epochs, prompts=cfg.prompts, samples=cfg.samples,
                 heldout_fraction=cfg.heldout_fraction, adaptive_kl=cfg.adaptive_kl if schedule == "adaptive" else None,
-                trust_region=cfg.trust_region, init=init if task_name == "chaincode" else "noise",
+                trust_region=cfg.trust_region, bound=cfg.bound, init=init if task_name == "chaincode" else "noise",
                 fid=fid if task_name == "chaincode" else None,
                 initial_return=_round(J[0]), initial_accuracy=_round(acc[0]),
                 final_return=_round(J[stages]), final_accuracy=_round(acc[stages]),
@@ -723,7 +723,9 @@ def read_json(path: str) -> dict:
 
 
 def _setting(r: dict) -> str:
-    return f"{r['task']} ({r['router']}) δ {r['delta']} lr {r['lr']} E {r['epochs']}"
+    bound = r.get("bound", "is_lcb")  # runs saved before the form was recorded used the default
+    return f"{r['task']} ({r['router']}) δ {r['delta']} lr {r['lr']} E {r['epochs']}" + (
+        f", bound {bound}" if bound != "is_lcb" else "")
 
 
 def cross_n_tables(runs: list[dict]) -> str:
