@@ -156,8 +156,9 @@ def summarize(stages: dict[int, dict]) -> str:
             f"{report['calibration']:.2f} (gain >= bound), {report['calibration_noisy']:.2f} counting the gain's own "
             f"noise (gain + 1.645 SE >= bound; a 95 % bound scores >= 0.90), Spearman {report['spearman']:.2f} per update, "
             f"{report['spearman_cumulative']:.2f} cumulative; sum of bounds {report['bound_sum']:+.4f} vs paired gains "
-            f"{report['gain_sum']:+.4f}" + (f" (in-sample, on the trained episodes: {report['gain_train_sum']:+.4f})"
-                                            if math.isfinite(report["gain_train_sum"]) else ""))
+            f"{report['gain_sum']:+.4f} ± {report['gain_sum_se']:.4f}"
+            + (f" (in-sample, on the trained episodes: {report['gain_train_sum']:+.4f})"
+               if math.isfinite(report["gain_train_sum"]) else ""))
         lines.append(
             f"  gain estimates: median SE paired (CRN) {report['se_paired']:.4f}, importance-sampled (held-out) "
             f"{report['se_is']:.4f}; backtracks per update {report['backtracks']:.2f}; committed KL used "
@@ -223,7 +224,7 @@ def certificate_report(runs: list[dict]) -> dict:
         return median(values) if values else nan
 
     report = {"updates": len(pairs), "calibration": nan, "calibration_noisy": nan, "spearman": nan,
-              "spearman_cumulative": nan, "bound_sum": nan, "gain_sum": nan, "se_paired": median_of("se_paired"),
+              "spearman_cumulative": nan, "bound_sum": nan, "gain_sum": nan, "gain_sum_se": nan, "se_paired": median_of("se_paired"),
               "se_is": median_of("se_is"),
               "backtracks": mean(r["backtracks"] for r in records_all) if records_all else nan,
               "delta_used": median_of("delta_used"),
@@ -238,6 +239,8 @@ def certificate_report(runs: list[dict]) -> dict:
         ses = [p["se"] for p in pairs]
         if all(se is not None and math.isfinite(se) for se in ses):
             report["calibration_noisy"] = algos.calibration_fraction(bounds, gains, ses)
+            # a rough scale: consecutive teamtr pairs share a regeneration, so the gains are not independent
+            report["gain_sum_se"] = math.sqrt(sum(se * se for se in ses))
         if len(pairs) >= 3:
             report["spearman"] = algos.spearman_rank_correlation(bounds, gains)
     if cumulative:

@@ -44,7 +44,8 @@ def test_summary_states_the_numbers(tmp_path):
     # b3 0.01 + 0.0329 >= 0.02 count too: 6/6.
     assert "6 updates with a bound and a paired gain; calibration 0.67 (gain >= bound), 1.00 counting the gain's own " \
            "noise (gain + 1.645 SE >= bound; a 95 % bound scores >= 0.90), Spearman 0.09 per update" in text
-    assert "sum of bounds +0.0360 vs paired gains +0.1800" in text
+    # ± √Σ SE² = √(3 x 0.01² + 3 x 0.02²) = √0.0015 = 0.0387
+    assert "sum of bounds +0.0360 vs paired gains +0.1800 ± 0.0387" in text
     # median SEs: paired over [0.01, 0.02] x 3 -> 0.015; held-out 0.02; δ used 0.5, 0.6, 0.7 for both -> median 0.6
     assert "median SE paired (CRN) 0.0150, importance-sampled (held-out) 0.0200; backtracks per update 2.00; " \
            "committed KL used 60% of delta (median)" in text
@@ -63,7 +64,7 @@ def test_summary_adds_the_in_sample_gains_when_the_run_logged_them(tmp_path):
                                 for a in ("alice", "bob")})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     text = summary.summarize(summary.load_stages(tmp_path / "m.jsonl"))
-    assert "vs paired gains +0.1800 (in-sample, on the trained episodes: +0.2400)" in text
+    assert "vs paired gains +0.1800 ± 0.0387 (in-sample, on the trained episodes: +0.2400)" in text
     assert text.replace(" (in-sample, on the trained episodes: +0.2400)", "") == plain
 
 
@@ -91,6 +92,7 @@ def test_updates_that_share_one_paired_gain_make_one_pair(tmp_path):
     assert report["bound_sum"] == pytest.approx(0.016) and report["gain_sum"] == pytest.approx(0.055)
     # gain >= bound: yes, yes, no (0.005 < 0.01); with 1.645 x 0.02 = 0.0329 added: 0.0379 >= 0.01
     assert report["calibration"] == pytest.approx(2 / 3) and report["calibration_noisy"] == 1.0
+    assert report["gain_sum_se"] == pytest.approx(0.02 * 3 ** 0.5)  # one SE per pair, not per update
     # ranks of the bounds [1, 3, 2] and of the gains [1, 3, 2]: ρ = 1
     assert report["spearman"] == pytest.approx(1.0)
     # two updates of a stage with equal gains but two measurements (teamtr, a team with no gradient) stay two pairs
