@@ -152,9 +152,10 @@ def summarize(stages: dict[int, dict]) -> str:
     report = certificate_report([stages])
     if report["updates"]:
         lines.append(
-            f"  certificate: {report['updates']} updates with a bound and a paired gain; calibration "
-            f"{report['calibration']:.2f} (gain >= bound), {report['calibration_noisy']:.2f} counting the gain's own "
-            f"noise (gain + 1.645 SE >= bound; a 95 % bound scores >= 0.90), Spearman {report['spearman']:.2f} per update, "
+            f"  certificate: {report['updates']} (bound, paired gain) pairs (a pair: the updates between two "
+            f"regenerations); calibration {report['calibration']:.2f} (gain >= bound), {report['calibration_noisy']:.2f} "
+            f"counting the gain's own noise (gain + 1.645 SE >= bound; a 95 % bound scores >= 0.90), Spearman "
+            f"{report['spearman']:.2f} per pair, "
             f"{report['spearman_cumulative']:.2f} cumulative; sum of bounds {report['bound_sum']:+.4f} vs paired gains "
             f"{report['gain_sum']:+.4f} ± {report['gain_sum_se']:.4f}"
             + (f" (in-sample, on the trained episodes: {report['gain_train_sum']:+.4f})"

@@ -42,8 +42,9 @@ def test_summary_states_the_numbers(tmp_path):
     # [1,3,2,5,4,6], of the gains [3,1,4,5,6,2]: Σd² = 4+4+4+0+4+16 = 32, ρ = 1 − 6·32/(6·35) = 0.086.
     # Counting the gains' own noise (gain + 1.645 SE, SE 0.01 alice / 0.02 bob): b1 0 + 0.0329 >= 0.004 and
     # b3 0.01 + 0.0329 >= 0.02 count too: 6/6.
-    assert "6 updates with a bound and a paired gain; calibration 0.67 (gain >= bound), 1.00 counting the gain's own " \
-           "noise (gain + 1.645 SE >= bound; a 95 % bound scores >= 0.90), Spearman 0.09 per update" in text
+    assert "6 (bound, paired gain) pairs (a pair: the updates between two regenerations); calibration 0.67 " \
+           "(gain >= bound), 1.00 counting the gain's own noise (gain + 1.645 SE >= bound; a 95 % bound scores " \
+           ">= 0.90), Spearman 0.09 per pair" in text
     # ± √Σ SE² = √(3 x 0.01² + 3 x 0.02²) = √0.0015 = 0.0387
     assert "sum of bounds +0.0360 vs paired gains +0.1800 ± 0.0387" in text
     # median SEs: paired over [0.01, 0.02] x 3 -> 0.015; held-out 0.02; δ used 0.5, 0.6, 0.7 for both -> median 0.6
